@@ -1,0 +1,38 @@
+"""The attention backend interface the model calls once per layer."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from engine.batch import ForwardBatch
+from engine.kvcache import KVPool
+
+
+class AttentionBackend(ABC):
+    def __init__(self, pool: KVPool, num_heads: int, sliding_window: int | None) -> None:
+        self.pool = pool
+        self.num_heads = num_heads
+        self.num_kv_heads = pool.layout.num_kv_heads
+        self.head_dim = pool.layout.head_dim
+        self.scale = self.head_dim**-0.5
+        self.sliding_window = sliding_window
+        self.batch: ForwardBatch | None = None
+
+    @abstractmethod
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Build per-batch metadata once; every layer of the forward then reuses it."""
+
+    @abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the new tokens' K/V into the pool, then attend.
+
+        q: [T, Hq, D]; k, v: [T, Hkv, D] (ragged over the batch). Returns [T, Hq, D].
+        """
+
+    def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        assert self.batch is not None, "prepare() must run before forward()"
+        loc = self.batch.out_cache_loc
+        self.pool.flat_k(layer).index_copy_(0, loc, k.to(self.pool.layout.dtype))
+        self.pool.flat_v(layer).index_copy_(0, loc, v.to(self.pool.layout.dtype))

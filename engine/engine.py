@@ -1,0 +1,194 @@
+"""The colocated engine: prefill and decode in one process with continuous batching.
+
+It is the in-project baseline the disaggregated path is measured against, and the decode server
+builds on its pieces (runner, scheduler, sampler, stop handling).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.builtin import resolve_model
+from engine.config import EngineConfig, parse_dtype
+from engine.device import resolve_device
+from engine.kvcache import KVPool
+from engine.kvcache.pool import KVLayout
+from engine.loader import load_model
+from engine.model_runner import ModelRunner
+from engine.request import FinishReason, Request
+from engine.sampling import Sampler, SamplingParams, make_generator
+from engine.scheduler import Scheduler
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationOutput:
+    rid: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str
+
+
+def kv_budget_bytes(cfg: EngineConfig, device: torch.device) -> int:
+    if cfg.kv_cache_gb is not None:
+        return int(cfg.kv_cache_gb * 2**30)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.85)
+    return 2**29
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        model_dir = resolve_model(cfg.model)
+        t0 = time.perf_counter()
+        dtype = parse_dtype(cfg.dtype) if cfg.dtype else None
+        self.model = load_model(model_dir, dtype=dtype, device=self.device)
+        self.model_config = self.model.config
+        self.tokenizer = Tokenizer.from_pretrained(model_dir)
+        layout = KVLayout(
+            num_layers=self.model_config.num_layers,
+            page_size=cfg.page_size,
+            num_kv_heads=self.model_config.num_kv_heads,
+            head_dim=self.model_config.head_dim,
+            dtype=self.model_config.dtype,
+        )
+        if cfg.num_pages is not None:
+            self.pool = KVPool(layout, cfg.num_pages, self.device)
+        else:
+            self.pool = KVPool.for_budget(layout, kv_budget_bytes(cfg, self.device), self.device)
+        self.runner = ModelRunner(self.model, self.pool, cfg.attention_backend)
+        self.scheduler = Scheduler(self.pool.allocator, cfg.page_size, cfg.max_batch_size, cfg.max_prefill_tokens)
+        self.sampler = Sampler()
+        self.context_length = min(
+            cfg.context_length or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+        )
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._requests: dict[str, Request] = {}
+        log.info(
+            "loaded %s (%s, %d layers) on %s in %.1fs; KV pool %d pages x %d tokens",
+            cfg.model, self.model_config.architecture, self.model_config.num_layers, self.device,
+            time.perf_counter() - t0, self.pool.num_pages, cfg.page_size,
+        )
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None) -> Request:
+        """Validate and queue a request; raises ValueError with a client-facing message when it cannot run."""
+        params.validate()
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        total = len(prompt_ids) + params.max_new_tokens
+        if total > self.context_length:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
+                f"exceeds the context length {self.context_length}"
+            )
+        req = Request(prompt_ids=list(prompt_ids), params=params)
+        if rid is not None:
+            if rid in self._requests:
+                raise ValueError(f"request id {rid!r} is already in use")
+            req.rid = rid
+        req.generator = make_generator(params.seed, self.device)
+        self.scheduler.add(req)
+        self._requests[req.rid] = req
+        self._detok[req.rid] = IncrementalDetokenizer(self.tokenizer)
+        return req
+
+    def abort(self, rid: str) -> None:
+        req = self._requests.get(rid)
+        if req is not None:
+            self._finish(req, FinishReason.ABORT)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Run one batch; returns the requests that got a token (finished ones included)."""
+        scheduled = self.scheduler.schedule()
+        if scheduled is None:
+            return []
+        reqs = scheduled.requests
+        batch = self.runner.build_batch(
+            [r.uncached_ids() for r in reqs], [r.num_cached for r in reqs], [r.pages for r in reqs]
+        )
+        logits = self.runner.forward(batch)
+        sample = self.sampler(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        for req, token, logprob in zip(reqs, sample.token_ids.tolist(), sample.logprobs.tolist(), strict=True):
+            req.num_cached = req.seq_len
+            self.append_token(req, token, logprob)
+        return reqs
+
+    def append_token(self, req: Request, token: int, logprob: float) -> None:
+        """Record a sampled token, update the text, and finish the request on a stop condition."""
+        req.output_ids.append(token)
+        req.output_logprobs.append(logprob)
+        detok = self._detok[req.rid]
+        req.output_text += detok.add(token)
+        p = req.params
+        if p.stop and self._truncate_at_stop_string(req):
+            self._finish(req, FinishReason.STOP)
+        elif token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            req.output_text += detok.flush()
+            self._finish(req, FinishReason.STOP)
+        elif len(req.output_ids) >= p.max_new_tokens:
+            req.output_text += detok.flush()
+            self._finish(req, FinishReason.LENGTH)
+
+    @staticmethod
+    def _truncate_at_stop_string(req: Request) -> bool:
+        text = req.output_text
+        hits = [i for s in req.params.stop if (i := text.find(s)) != -1]
+        if not hits:
+            return False
+        req.output_text = text[: min(hits)]
+        return True
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        self.scheduler.finish(req, reason)
+        self._requests.pop(req.rid, None)
+        self._detok.pop(req.rid, None)
+
+    # -- convenience ----------------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[GenerationOutput]:
+        """Run prompts (text or token ids) to completion, batched."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        reqs = [
+            self.add_request(self.tokenizer.encode(p) if isinstance(p, str) else list(p), sp)
+            for p, sp in zip(prompts, params_list, strict=True)
+        ]
+        while not all(r.finished for r in reqs):
+            self.step()
+        return [
+            GenerationOutput(
+                rid=r.rid,
+                prompt_ids=r.prompt_ids,
+                token_ids=r.output_ids,
+                text=r.output_text,
+                logprobs=r.output_logprobs,
+                finish_reason=r.finish_reason.value if r.finish_reason else "abort",
+            )
+            for r in reqs
+        ]

@@ -1,0 +1,155 @@
+"""Load a Llama-family model from a local Hugging Face directory (config.json + *.safetensors)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from engine.config import ConfigError, ModelConfig
+from engine.models import LlamaFamilyModel
+from engine.models.rope import RotaryEmbedding
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# HF projection name -> (fused parameter, which slice of it)
+_FUSED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+
+
+class LoadError(ValueError):
+    """A model directory that cannot be loaded; the message names the file and what to do."""
+
+
+def load_model(
+    model_dir: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> LlamaFamilyModel:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise LoadError(f"model directory {model_dir} does not exist (use a local HF directory or builtin:NAME)")
+    cfg = ModelConfig.from_pretrained(model_dir)
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, dtype=dtype)
+    device = torch.device(device)
+    # Build without allocating or initialising (weights come from the checkpoint), then materialise.
+    with torch.device("meta"):
+        model = LlamaFamilyModel(cfg)
+    model = model.to_empty(device=device).to(cfg.dtype)
+    model.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings).to(device)
+
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in _read_tensors(model_dir):
+        target, part = _map_name(name, cfg)
+        if target is None:
+            continue
+        if target not in params:
+            raise LoadError(f"{model_dir}: unexpected tensor {name!r} for {cfg.architecture}")
+        _copy_into(params[target], target, part, tensor, name, cfg)
+        loaded.add(f"{target}#{part}")
+
+    expected = {f"{n}#{p}" for n, parts in _expected_parts(params) for p in parts}
+    missing = sorted(expected - loaded)
+    if missing:
+        shown = ", ".join(m.split("#")[0] for m in missing[:5])
+        raise LoadError(f"{model_dir}: checkpoint is missing {len(missing)} tensors (e.g. {shown})")
+    return model.eval()
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise LoadError(f"{index} is not a valid safetensors index ({e})") from e
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise LoadError(f"{model_dir}: shards listed in {INDEX_FILE} are missing: {', '.join(absent)}")
+        return files
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        hint = " (PyTorch .bin checkpoints are not supported: convert to safetensors)" if any(
+            model_dir.glob("*.bin")) else ""
+        raise LoadError(f"{model_dir}: no *.safetensors weights found{hint}")
+    return files
+
+
+def _read_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in weight_files(model_dir):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise LoadError(f"{path} is not a readable safetensors file ({e}); re-download it") from e
+
+
+def _map_name(name: str, cfg: ModelConfig) -> tuple[str | None, int]:
+    """HF tensor name -> (our parameter name, slice index within a fused parameter); None to skip."""
+    if _IGNORED.search(name):
+        return None, 0
+    if name == "lm_head.weight":
+        # Some tied checkpoints still store lm_head; it equals the embedding, so skip it.
+        return (None, 0) if cfg.tie_word_embeddings else ("lm_head.weight", 0)
+    if name in ("model.embed_tokens.weight", "model.norm.weight"):
+        return name.removeprefix("model."), 0
+    m = _LAYER.match(name)
+    if m is None:
+        raise LoadError(f"unexpected tensor {name!r} for {cfg.architecture}")
+    layer, module, kind = m.groups()
+    if module in _FUSED:
+        fused, part = _FUSED[module]
+        return f"layers.{layer}.{fused}.{kind}", part
+    return f"layers.{layer}.{module}.{kind}", 0
+
+
+def _split_sizes(param_name: str, cfg: ModelConfig) -> list[int] | None:
+    if "qkv_proj" in param_name:
+        kv = cfg.num_kv_heads * cfg.head_dim
+        return [cfg.num_heads * cfg.head_dim, kv, kv]
+    if "gate_up_proj" in param_name:
+        return [cfg.intermediate_size, cfg.intermediate_size]
+    return None
+
+
+def _expected_parts(params: dict[str, torch.nn.Parameter]) -> Iterator[tuple[str, range]]:
+    for name in params:
+        fused = "qkv_proj" in name or "gate_up_proj" in name
+        yield name, range(3 if "qkv_proj" in name else 2) if fused else range(1)
+
+
+def _copy_into(
+    param: torch.nn.Parameter, target_name: str, part: int, tensor: torch.Tensor, name: str, cfg: ModelConfig
+) -> None:
+    sizes = _split_sizes(target_name, cfg)
+    target = param.data
+    if sizes is not None:
+        offset = sum(sizes[:part])
+        target = target.narrow(0, offset, sizes[part])
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise LoadError(
+            f"tensor {name!r} has shape {tuple(tensor.shape)}, config implies {tuple(target.shape)}; "
+            "config.json and weights disagree"
+        )
+    with torch.no_grad():
+        target.copy_(tensor)
+
+
+__all__ = ["ConfigError", "LoadError", "load_model", "weight_files"]

@@ -1,0 +1,241 @@
+"""Token sampling: per-request sampling parameters and a batched sampler.
+
+The sampler turns one step's logits ``[B, V]`` into one token per row. Each row carries its own
+:class:`SamplingParams` and, for seeded requests, its own ``torch.Generator``, so a seeded request
+draws the same tokens no matter which other requests happen to share its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["SampleOutput", "Sampler", "SamplingParams", "make_generator"]
+
+# torch.Generator.manual_seed accepts exactly this range; checking it in validate() turns a late
+# RuntimeError inside the engine loop into a clear 400-style error at request admission.
+_SEED_MIN = -(2**63)
+_SEED_MAX = 2**64 - 1
+
+
+def _is_int(value: object) -> bool:
+    # bool is a subclass of int, but `"top_k": true` in a request is a client bug, not a 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 => greedy
+    top_k: int = -1  # <= 0 => disabled
+    top_p: float = 1.0  # 1.0 => disabled
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # stop strings: matched by the caller, only validated here
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending field if any parameter is out of range.
+
+        Called once at request admission; the sampler itself does not re-validate on every step.
+        """
+        if not _is_int(self.max_new_tokens):
+            raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+        if not _is_real(self.temperature):
+            raise ValueError(f"temperature must be a number, got {self.temperature!r}")
+        # `not (x >= 0)` also rejects NaN, which would otherwise poison every probability.
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if math.isinf(self.temperature):
+            raise ValueError(f"temperature must be finite, got {self.temperature}")
+
+        if not _is_int(self.top_k):
+            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+
+        if not _is_real(self.top_p):
+            raise ValueError(f"top_p must be a number, got {self.top_p!r}")
+        if not 0 < self.top_p <= 1:  # also rejects NaN
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+        if self.seed is not None:
+            if not _is_int(self.seed):
+                raise ValueError(f"seed must be an integer or null, got {self.seed!r}")
+            if not _SEED_MIN <= self.seed <= _SEED_MAX:
+                raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(
+                f"stop_token_ids must be a list of integers, got {type(self.stop_token_ids).__name__}"
+            )
+        for i, tok in enumerate(self.stop_token_ids):
+            if not _is_int(tok):
+                raise ValueError(f"stop_token_ids[{i}] must be an integer, got {tok!r}")
+            if tok < 0:
+                raise ValueError(f"stop_token_ids[{i}] must be >= 0, got {tok}")
+
+        # A bare string is what OpenAI clients send for a single stop; the caller must normalise it to a
+        # list first, otherwise we would silently treat each character as a stop string.
+        if not isinstance(self.stop, (list, tuple)):
+            raise ValueError(f"stop must be a list of strings, got {type(self.stop).__name__}")
+        for i, s in enumerate(self.stop):
+            if not isinstance(s, str):
+                raise ValueError(f"stop[{i}] must be a string, got {s!r}")
+            if not s:
+                raise ValueError(f"stop[{i}] must be a non-empty string")
+
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        # top_k == 1 leaves a single candidate, so sampling would be argmax anyway; treating it as
+        # greedy keeps such rows on the cheap path and consumes no random numbers.
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class SampleOutput:
+    token_ids: torch.Tensor  # [B] int64, CPU
+    logprobs: torch.Tensor  # [B] float32, CPU: log_softmax of the RAW logits at the chosen token
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """Create the per-request generator for ``seed`` (``None`` => use the default RNG).
+
+    Must be created once per request, on the device the logits live on, and reused for every step:
+    re-seeding each step would repeat the same random number at every position.
+    """
+    if seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+class Sampler:
+    """Batched sampler: greedy rows by argmax, the rest by temperature / top-k / top-p sampling."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> SampleOutput:
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+        batch = logits.shape[0]
+        if len(params) != batch or len(generators) != batch:
+            raise ValueError(
+                f"need one SamplingParams and one generator per row: logits has {batch} rows, "
+                f"got {len(params)} params and {len(generators)} generators"
+            )
+
+        # float32 throughout: bf16/fp16 softmax and cumsum lose enough precision to shift the top-p
+        # cut-off and to make reported logprobs differ from what other servers report.
+        logits = logits.float()
+        # Logprobs are reported for the raw distribution (OpenAI/vLLM convention), not the
+        # temperature-scaled / truncated one we actually sample from.
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+
+        # argmax over the whole batch is one kernel; for mixed batches we overwrite the sampled rows
+        # afterwards, which is cheaper than gathering the greedy rows out first.
+        token_ids = torch.argmax(logits, dim=-1)
+
+        sampled_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if sampled_rows:
+            token_ids = token_ids.clone()
+            sampled_ids = self._sample(
+                logits,
+                sampled_rows,
+                [params[i] for i in sampled_rows],
+                [generators[i] for i in sampled_rows],
+            )
+            rows = torch.tensor(sampled_rows, dtype=torch.long, device=logits.device)
+            token_ids.index_copy_(0, rows, sampled_ids)
+
+        chosen_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        return SampleOutput(token_ids=token_ids.to("cpu", torch.int64), logprobs=chosen_logprobs.to("cpu"))
+
+    @staticmethod
+    def _sample(
+        logits: torch.Tensor,
+        rows: list[int],
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> torch.Tensor:
+        """Sample one token for each of ``rows``; returns ``[len(rows)]`` int64 on the logits' device.
+
+        Every step here is row-wise, so a row's result depends only on its own logits, params and
+        generator, never on its batch neighbours. That is what makes seeded requests reproducible.
+        """
+        device = logits.device
+        vocab = logits.shape[1]
+        for g in generators:
+            # A generator on the wrong device would make multinomial fail with an opaque error (or
+            # silently use a different stream after a move), so reject it up front.
+            if g is not None and g.device.type != device.type:
+                raise ValueError(f"generator is on {g.device}, but logits are on {device}")
+
+        index = torch.tensor(rows, dtype=torch.long, device=device)
+        x = logits.index_select(0, index)
+        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        # Subtract the row max before dividing: with a tiny temperature, logits / T can overflow to inf
+        # (softmax -> NaN), whereas (logits - max) / T only underflows towards -inf, which is harmless.
+        x = (x - x.max(dim=-1, keepdim=True).values) / temps.unsqueeze(1)
+
+        # Top-k. We mask by value (keep every logit >= the k-th largest) rather than by sorted position:
+        # the k-th largest *value* does not depend on how ties are ordered, so the kept set is the same
+        # whatever kmax the neighbours force on torch.topk. Ties at the boundary are all kept (as in
+        # HF/vLLM), which matters for bf16 logits where exact ties are common.
+        # top_k >= vocab keeps everything, so it counts as disabled (and must not size the topk call).
+        ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+        kmax = max(ks)
+        if kmax > 0:
+            top_vals = torch.topk(x, kmax, dim=-1, sorted=True).values
+            # Disabled rows read column 0 (any valid index) and are overridden to -inf just below.
+            k_idx = torch.tensor([max(k - 1, 0) for k in ks], dtype=torch.long, device=device)
+            kth = top_vals.gather(1, k_idx.unsqueeze(1))
+            disabled = torch.tensor([k == 0 for k in ks], dtype=torch.bool, device=device)
+            kth = kth.masked_fill(disabled.unsqueeze(1), float("-inf"))
+            x = x.masked_fill(x < kth, float("-inf"))
+
+        # Softmax after top-k so top-p works on the renormalised top-k distribution (vLLM order).
+        probs = torch.softmax(x, dim=-1)
+
+        # Top-p: keep the smallest prefix of tokens (by descending prob) whose cumulative prob reaches
+        # top_p. A token is in the prefix iff the mass strictly before it is still < top_p; the top token
+        # always qualifies (mass before it is 0 and top_p > 0). As with top-k we then cut by value,
+        # keeping everything >= the last kept prob, so tie order cannot change the kept set.
+        if any(p.top_p < 1.0 for p in params):
+            sorted_probs = torch.sort(probs, dim=-1, descending=True).values
+            cum = torch.cumsum(sorted_probs, dim=-1)
+            # Exclusive cumsum by shifting rather than cum - p: subtraction reintroduces rounding that can
+            # flip a comparison right at the boundary. cumsum of non-negatives is non-decreasing, so the
+            # kept positions form a prefix and their count locates the cut-off.
+            mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)
+            top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+            n_keep = (mass_before < top_ps.unsqueeze(1)).sum(dim=-1, keepdim=True)
+            threshold = sorted_probs.gather(1, n_keep - 1)
+            # Rows with top_p == 1 keep everything: float rounding in cum could otherwise drop the tail.
+            threshold = threshold.masked_fill((top_ps >= 1.0).unsqueeze(1), 0.0)
+            # Exactly 0, so multinomial can never pick a token outside the nucleus.
+            probs = probs.masked_fill(probs < threshold, 0.0)
+
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+
+        # One multinomial per row because each row may have its own generator. Each draw sees the full,
+        # vocab-ordered [V] row, so the random numbers consumed depend only on this row (multinomial with
+        # one sample draws V exponentials internally). No .item(): keep it free of host syncs.
+        draws = [torch.multinomial(probs[j], 1, generator=g) for j, g in enumerate(generators)]
+        return torch.cat(draws)

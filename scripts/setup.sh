@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One-shot, idempotent set-up: .venv, torch first, system libraries Mooncake needs, then pdserve.
+# Quick when nothing changed (a stamp keyed on pyproject.toml and this script).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+STAMP="$VENV/.pdserve-setup"
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+    exit 0
+fi
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+
+# Mooncake's wheel links libibverbs and libnuma even when it runs over TCP.
+missing=()
+for lib in libibverbs1 libnuma1; do
+    dpkg -s "$lib" >/dev/null 2>&1 || missing+=("$lib")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        say "installing ${missing[*]} (needed by Mooncake)"
+        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        say "warning: ${missing[*]} missing and cannot apt-get install them; run: sudo apt-get install ${missing[*]}"
+    fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    "$PY" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+
+# torch first: keep whatever torch is there; otherwise a CPU build on CPU-only machines,
+# so that no later requirement pulls several GB of CUDA wheels.
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        say "installing torch (CUDA machine)"
+        pip install torch
+    else
+        say "installing torch==2.13.0 (CPU build)"
+        pip install torch==2.13.0
+    fi
+fi
+
+say "installing pdserve and its dependencies"
+pip install -e ".[dev,mooncake,nixl]"
+
+echo "$want" > "$STAMP"
+say "done"

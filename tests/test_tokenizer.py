@@ -1,0 +1,231 @@
+"""The built-in byte-level BPE tokenizer and the engine's Tokenizer / IncrementalDetokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import transformers
+
+from engine.tokenizer import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    IM_END_TOKEN,
+    IM_START_TOKEN,
+    PAD_TOKEN,
+    IncrementalDetokenizer,
+    Tokenizer,
+    build_byte_level_tokenizer,
+)
+
+ROUND_TRIP_TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "",
+    " ",
+    "   leading and trailing spaces   ",
+    "line one\nline two\n\n\ttabbed\r\nwindows line\n",
+    "日本語のテキストと中文文本",
+    "emoji: 😀🎉👍🏽 family 👨‍👩‍👧‍👦 flag 🇫🇷",
+    "combining: e\u0301 a\u0308 n\u0303 and precomposed é ä ñ",
+    "mixed ✓ → ∑ ∞ Ωmega ß ﬁ",
+    "special-looking text <|im_start|> is parsed as the special token",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tok() -> transformers.PreTrainedTokenizerFast:
+    return build_byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tok_dir(hf_tok: transformers.PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("tok")
+    hf_tok.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir: Path) -> Tokenizer:
+    return Tokenizer.from_pretrained(tok_dir)
+
+
+def test_vocab_and_special_tokens(hf_tok: transformers.PreTrainedTokenizerFast, tok: Tokenizer) -> None:
+    assert len(hf_tok) == 512
+    assert tok.vocab_size == 512
+    vocab = hf_tok.get_vocab()
+    # Specials are trained first, so their ids are fixed and small.
+    assert [vocab[t] for t in (BOS_TOKEN, EOS_TOKEN, IM_START_TOKEN, IM_END_TOKEN, PAD_TOKEN)] == [0, 1, 2, 3, 4]
+    assert hf_tok.bos_token == BOS_TOKEN
+    assert hf_tok.eos_token == EOS_TOKEN
+    assert tok.pad_token_id == 4
+    assert tok.bos_token_id == 0
+    # No generation_config.json in a bare tokenizer dir: only the tokenizer's own eos.
+    assert tok.eos_token_ids == [1]
+
+
+def test_training_is_deterministic(hf_tok: transformers.PreTrainedTokenizerFast) -> None:
+    again = build_byte_level_tokenizer()
+    assert again.backend_tokenizer.to_str() == hf_tok.backend_tokenizer.to_str()
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
+def test_round_trip(tok: Tokenizer, text: str) -> None:
+    ids = tok.encode(text)
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    if "<|" not in text:
+        assert tok.decode(ids) == text
+
+
+def test_encode_adds_no_special_tokens(tok: Tokenizer) -> None:
+    assert tok.encode("") == []
+    ids = tok.encode("Hello")
+    assert 0 not in ids and 1 not in ids
+
+
+def test_common_english_uses_merges(tok: Tokenizer) -> None:
+    text = "The people of the city were reading the news and talking about the weather in the morning."
+    ids = tok.encode(text)
+    assert len(ids) < 0.6 * len(text.encode())
+    pieces = tok.hf.convert_ids_to_tokens(ids)
+    assert "Ġthe" in pieces  # the most common English word is a single token
+
+
+def test_save_reload_identical(hf_tok: transformers.PreTrainedTokenizerFast, tok_dir: Path) -> None:
+    reloaded = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    assert reloaded.backend_tokenizer.to_str() == hf_tok.backend_tokenizer.to_str()
+    assert reloaded.get_vocab() == hf_tok.get_vocab()
+    assert reloaded.all_special_tokens == hf_tok.all_special_tokens
+    assert (reloaded.bos_token, reloaded.eos_token, reloaded.pad_token) == (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
+    assert reloaded.chat_template == hf_tok.chat_template
+    for text in ROUND_TRIP_TEXTS:
+        assert reloaded.encode(text, add_special_tokens=False) == hf_tok.encode(text, add_special_tokens=False)
+
+
+MESSAGES = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "Hi there! 👋\nHow are you?"},
+]
+EXPECTED_CHATML = (
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n"
+    "<|im_start|>user\nHi there! 👋\nHow are you?<|im_end|>\n"
+)
+
+
+def test_chat_template(tok: Tokenizer) -> None:
+    with_prompt = EXPECTED_CHATML + "<|im_start|>assistant\n"
+    assert tok.render_chat(MESSAGES) == with_prompt
+    assert tok.render_chat(MESSAGES, add_generation_prompt=False) == EXPECTED_CHATML
+    ids = tok.apply_chat_template(MESSAGES)
+    assert tok.decode(ids, skip_special_tokens=False) == with_prompt
+    assert ids[0] == 2  # <|im_start|> is one special token, not its characters
+    assert ids.count(3) == 2  # one <|im_end|> per message
+    assert tok.decode(ids) == "system\nYou are helpful.\nuser\nHi there! 👋\nHow are you?\nassistant\n"
+    no_prompt = tok.apply_chat_template(MESSAGES, add_generation_prompt=False)
+    assert tok.decode(no_prompt, skip_special_tokens=False) == EXPECTED_CHATML
+
+
+@pytest.mark.parametrize(
+    ("messages", "match"),
+    [
+        ([], "empty"),
+        ("hello", "list"),
+        ([{"role": "user"}], "missing 'content'"),
+        ([{"content": "x"}], "missing 'role'"),
+        ([{"role": "user", "content": 5}], "must be a string"),
+        (["hello"], "must be a dict"),
+    ],
+)
+def test_chat_messages_validated(tok: Tokenizer, messages: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        tok.apply_chat_template(messages)  # type: ignore[arg-type]
+
+
+def test_no_chat_template_is_clear_error(tmp_path: Path) -> None:
+    hf = build_byte_level_tokenizer()
+    hf.chat_template = None
+    hf.save_pretrained(str(tmp_path))
+    t = Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no chat template"):
+        t.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize(("eos", "expected"), [([1, 3], [1, 3]), (3, [1, 3]), (1, [1]), (None, [1])])
+def test_eos_ids_from_generation_config(
+    hf_tok: transformers.PreTrainedTokenizerFast, tmp_path: Path, eos: object, expected: list[int]
+) -> None:
+    hf_tok.save_pretrained(str(tmp_path))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    assert Tokenizer.from_pretrained(tmp_path).eos_token_ids == expected
+
+
+def test_missing_tokenizer_is_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"no tokenizer files in .*save_pretrained") as info:
+        Tokenizer.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(info.value)
+    with pytest.raises(ValueError, match="does not exist"):
+        Tokenizer.from_pretrained(tmp_path / "nope")
+
+
+def test_corrupt_tokenizer_is_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="missing or corrupt") as info:
+        Tokenizer.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+def _stream(detok: IncrementalDetokenizer, ids: list[int]) -> list[str]:
+    deltas = [detok.add(i) for i in ids]
+    deltas.append(detok.flush())
+    return deltas
+
+
+def test_incremental_detokenizer_emoji(tok: Tokenizer) -> None:
+    text = "Hi 😀😀 there 🎉👍🏽 ok 👨‍👩‍👧‍👦 日本語 é\u0301 done 🇫🇷!" * 3
+    ids = tok.encode(text)
+    # The point of the test: many tokens carry only part of a character's bytes.
+    assert any("\ufffd" in tok.decode([i]) for i in ids)
+    deltas = _stream(IncrementalDetokenizer(tok), ids)
+    assert "".join(deltas) == tok.decode(ids) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert deltas[-1] == ""  # nothing was left pending at the end
+
+
+def test_incremental_detokenizer_specials(tok: Tokenizer) -> None:
+    ids = tok.apply_chat_template(MESSAGES) + tok.encode("Sure 👍") + [3]
+    for skip in (True, False):
+        deltas = _stream(IncrementalDetokenizer(tok, skip_special_tokens=skip), ids)
+        assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_incremental_detokenizer_with_prompt_context(tok: Tokenizer) -> None:
+    prompt = tok.encode("Prompt with emoji 😀 ")
+    gen = tok.encode("and a reply 🎉 in the stream")
+    deltas = _stream(IncrementalDetokenizer(tok, prefix_ids=prompt), gen)
+    assert "".join(deltas) == "and a reply 🎉 in the stream"
+
+
+def test_incremental_detokenizer_invalid_utf8(tok: Tokenizer) -> None:
+    # A random model can emit byte tokens that never form valid UTF-8: the result must still equal
+    # the full decode, with the dangling bytes released by flush().
+    byte_token = {b: tok.hf.convert_tokens_to_ids(ch) for ch, b in _byte_chars().items()}
+    ids = [*tok.encode("ok "), byte_token[0x9F], *tok.encode(" mid "), byte_token[0xF0], byte_token[0x9F]]
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.add(i) for i in ids]
+    tail = detok.flush()
+    assert "".join(deltas) + tail == tok.decode(ids)
+    assert tail.endswith("\ufffd")
+
+
+def _byte_chars() -> dict[str, int]:
+    """GPT-2's byte -> printable-character table, inverted (char -> byte)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
