@@ -215,6 +215,8 @@ def ensure_builtin(spec: BuiltinSpec, cache_dir: Path | None = None) -> Path:
     if _is_complete(final, spec):
         return final
     if final.exists():
+        if _is_complete(final, spec):  # another process renamed its copy into place just now
+            return final
         # Only complete directories are ever renamed into place, so this is not a half-written
         # one of ours; refuse to guess rather than delete something we do not own.
         raise ValueError(
@@ -348,7 +350,9 @@ def _split_shards(names: list[str], shapes: dict[str, tuple[int, ...]], num_shar
     return shards
 
 
-def _iter_tensors(names: list[str], shapes: dict[str, tuple[int, ...]], seed: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(
+    names: list[str], shapes: dict[str, tuple[int, ...]], seed: int
+) -> Iterator[tuple[str, torch.Tensor]]:
     for name in names:
         yield name, init_tensor(name, shapes[name], seed).contiguous()
 
@@ -360,9 +364,10 @@ def generate_model(spec: BuiltinSpec, out_dir: Path) -> None:
 
     start = time.monotonic()
     out_dir = Path(out_dir)
-    _progress(spec, start, f"generating into {out_dir.parent}")
+    _progress(spec, start, f"generating {spec.dir_name} under {out_dir.parent}")
 
-    tokenizer = build_byte_level_tokenizer()
+    # qwen2 directories get the pipeline transformers will load them with anyway (see engine.tokenizer).
+    tokenizer = build_byte_level_tokenizer("qwen2" if spec.model_type == "qwen2" else "gpt2")
     tokenizer.save_pretrained(str(out_dir))
     vocab = tokenizer.get_vocab()
     bos_id = int(tokenizer.bos_token_id)
@@ -399,8 +404,12 @@ def generate_model(spec: BuiltinSpec, out_dir: Path) -> None:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
-    marker = {"name": spec.name, "cache_key": spec.cache_key(), "spec": dataclasses.asdict(spec),
-              "generator_version": GENERATOR_VERSION}
+    marker = {
+        "name": spec.name,
+        "cache_key": spec.cache_key(),
+        "spec": dataclasses.asdict(spec),
+        "generator_version": GENERATOR_VERSION,
+    }
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _progress(spec, start, "done")
 

@@ -80,8 +80,13 @@ class Engine:
         self._requests: dict[str, Request] = {}
         log.info(
             "loaded %s (%s, %d layers) on %s in %.1fs; KV pool %d pages x %d tokens",
-            cfg.model, self.model_config.architecture, self.model_config.num_layers, self.device,
-            time.perf_counter() - t0, self.pool.num_pages, cfg.page_size,
+            cfg.model,
+            self.model_config.architecture,
+            self.model_config.num_layers,
+            self.device,
+            time.perf_counter() - t0,
+            self.pool.num_pages,
+            cfg.page_size,
         )
 
     # -- requests -----------------------------------------------------------------------------------

@@ -85,8 +85,11 @@ def weight_files(model_dir: Path) -> list[Path]:
         return [model_dir / SINGLE_FILE]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
-        hint = " (PyTorch .bin checkpoints are not supported: convert to safetensors)" if any(
-            model_dir.glob("*.bin")) else ""
+        hint = (
+            " (PyTorch .bin checkpoints are not supported: convert to safetensors)"
+            if any(model_dir.glob("*.bin"))
+            else ""
+        )
         raise LoadError(f"{model_dir}: no *.safetensors weights found{hint}")
     return files
 

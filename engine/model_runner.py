@@ -37,9 +37,7 @@ class LayerwiseForward:
         if self.runner.attn.batch is not self.batch:
             self.runner.attn.prepare(self.batch)
         with torch.inference_mode():
-            self.hidden = self.runner.model.run_layers(
-                self.hidden, self.batch.positions, start, end, self.runner.attn
-            )
+            self.hidden = self.runner.model.run_layers(self.hidden, self.batch.positions, start, end, self.runner.attn)
         self.next_layer = end
 
     def logits(self, all_tokens: bool = False) -> torch.Tensor:

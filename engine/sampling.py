@@ -75,9 +75,7 @@ class SamplingParams:
                 raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
 
         if not isinstance(self.stop_token_ids, (list, tuple)):
-            raise ValueError(
-                f"stop_token_ids must be a list of integers, got {type(self.stop_token_ids).__name__}"
-            )
+            raise ValueError(f"stop_token_ids must be a list of integers, got {type(self.stop_token_ids).__name__}")
         for i, tok in enumerate(self.stop_token_ids):
             if not _is_int(tok):
                 raise ValueError(f"stop_token_ids[{i}] must be an integer, got {tok!r}")

@@ -22,9 +22,7 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(
-        self, allocator: PageAllocator, page_size: int, max_batch_size: int, max_prefill_tokens: int
-    ) -> None:
+    def __init__(self, allocator: PageAllocator, page_size: int, max_batch_size: int, max_prefill_tokens: int) -> None:
         self.allocator = allocator
         self.page_size = page_size
         self.max_batch_size = max_batch_size

@@ -12,11 +12,11 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import transformers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as RawTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
@@ -69,17 +69,41 @@ _CORPUS: tuple[str, ...] = (
     "light travels faster than sound, and the planets move around the sun in orbits that were first "
     "described more than four hundred years ago by careful observers of the night sky.",
     "Numbers such as 1, 2, 3, 10, 42, 100 and 2024 appear in many documents, together with "
-    "punctuation like commas, full stops, question marks, brackets (like these), quotes \"like "
-    "these\", and symbols such as +, -, *, / and =.",
-    "def main():\n    print(\"hello, world\")\n    for i in range(10):\n        total = total + i\n"
-    "    return total\n",
+    'punctuation like commas, full stops, question marks, brackets (like these), quotes "like '
+    'these", and symbols such as +, -, *, / and =.',
+    'def main():\n    print("hello, world")\n    for i in range(10):\n        total = total + i\n    return total\n',
 )
 
 
-def _build_raw_tokenizer() -> RawTokenizer:
+# Qwen2's pre-tokenizer split (digits one by one, letters grouped with one leading non-letter).
+# transformers >= 5 loads any `model_type: qwen2` directory with Qwen2Tokenizer, which rebuilds the
+# pipeline as NFC + this split + byte-level, whatever tokenizer.json says; the built-in qwen2 model
+# therefore ships a tokenizer trained with exactly that pipeline, so its files mean what they say.
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+TokenizerStyle = Literal["gpt2", "qwen2"]
+TOKENIZER_STYLES: tuple[TokenizerStyle, ...] = ("gpt2", "qwen2")
+
+
+def _build_raw_tokenizer(style: TokenizerStyle) -> RawTokenizer:
     raw = RawTokenizer(models.BPE())
-    # add_prefix_space=False: encode(text) must be exactly the text's bytes, with no invented space.
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if style == "gpt2":
+        # add_prefix_space=False: encode(text) is exactly the text's bytes, with no invented space.
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif style == "qwen2":
+        # NFC means decomposed sequences (e + U+0301) come back precomposed, as with real Qwen2.
+        raw.normalizer = normalizers.NFC()
+        raw.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        raise ValueError(f"unknown tokenizer style {style!r}; expected one of {TOKENIZER_STYLES}")
     raw.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=BUILTIN_VOCAB_SIZE,
@@ -103,6 +127,7 @@ def _fingerprint() -> str:
             "specials": SPECIAL_TOKENS,
             "vocab_size": BUILTIN_VOCAB_SIZE,
             "template": CHATML_TEMPLATE,
+            "qwen2_regex": QWEN2_PRETOKENIZE_REGEX,
         },
         sort_keys=True,
     )
@@ -113,14 +138,23 @@ def _fingerprint() -> str:
 TOKENIZER_FINGERPRINT: str = _fingerprint()
 
 
-def build_byte_level_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """Train the built-in byte-level BPE tokenizer (512 tokens incl. specials), deterministically."""
-    raw = _build_raw_tokenizer()
+def build_byte_level_tokenizer(style: TokenizerStyle = "gpt2") -> transformers.PreTrainedTokenizerFast:
+    """Train the built-in byte-level BPE tokenizer (512 tokens incl. specials), deterministically.
+
+    `style="gpt2"` (the default, used by the llama and mistral built-ins) is plain GPT-2 byte-level
+    BPE: any text round-trips exactly. `style="qwen2"` is the pipeline transformers imposes on qwen2
+    directories (see QWEN2_PRETOKENIZE_REGEX), which NFC-normalises its input.
+    """
+    raw = _build_raw_tokenizer(style)
     tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=raw,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
+        # Saved as an explicit null: model-specific tokenizer classes that AutoTokenizer may pick
+        # (Qwen2Tokenizer) otherwise add their default unk "<|endoftext|>" as token 512, past the
+        # model's vocab. Byte-level BPE never needs an unk.
+        unk_token=None,
         additional_special_tokens=[IM_START_TOKEN, IM_END_TOKEN],
         # Byte-level decoding is already exact; the legacy clean-up would eat spaces before punctuation.
         clean_up_tokenization_spaces=False,
@@ -177,9 +211,7 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(
-            list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
-        )
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
     # -- chat -------------------------------------------------------------------------------------
 

@@ -14,13 +14,18 @@ from engine.config import EngineConfig
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     d = EngineConfig()
     p.add_argument("--model", default=d.model, help="local Hugging Face directory or builtin:NAME")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="override the checkpoint's dtype")
+    p.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="override the checkpoint's dtype"
+    )
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "torch", "flashinfer"])
     p.add_argument("--page-size", type=int, default=d.page_size, help="tokens per KV page")
-    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV pool size (default: 0.5 on CPU, "
-                   "85%% of free memory on CUDA)")
+    p.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=None,
+        help="KV pool size (default: 0.5 on CPU, 85%% of free memory on CUDA)",
+    )
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens)
     p.add_argument("--context-length", type=int, default=None)
@@ -47,8 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text in one process (colocated prefill + decode)")
     add_engine_args(gen)
-    gen.add_argument("--prompt", required=True, action="append",
-                     help="prompt text; repeat for a batch")
+    gen.add_argument("--prompt", required=True, action="append", help="prompt text; repeat for a batch")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -57,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     gen.add_argument("--ignore-eos", action="store_true")
-    gen.add_argument("--json", action="store_true",
-                     help='print {"text": ..., "token_ids": [...]} (generated tokens only) per prompt')
+    gen.add_argument(
+        "--json", action="store_true", help='print {"text": ..., "token_ids": [...]} (generated tokens only) per prompt'
+    )
     gen.set_defaults(func=cmd_generate)
     return parser
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from engine import builtin
 from engine.builtin import BuiltinSpec, get_spec, list_builtin, resolve_model
-from engine.tokenizer import Tokenizer
+from engine.tokenizer import Tokenizer, build_byte_level_tokenizer
 
 TINY = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
 
@@ -80,6 +80,7 @@ def test_generation_deterministic_and_cached(
     monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
     other = resolve_model("builtin:tiny-llama")
     assert other.parent == tmp_path / "models" and other.name == first.name
+    capsys.readouterr()
     for f in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
         assert (first / f).read_bytes() == (other / f).read_bytes(), f
 
@@ -139,6 +140,25 @@ def test_hf_files(cache: Path) -> None:
     assert all(t.dtype == torch.float32 for t in weights.values())
     with safe_open(str(d / "model.safetensors"), "pt") as sf:
         assert sf.metadata() == {"format": "pt"}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_autotokenizer_matches_builtin_tokenizer(cache: Path, name: str) -> None:
+    # transformers 5 loads qwen2 directories with Qwen2Tokenizer, which rebuilds the pipeline from
+    # vocab/merges; the qwen2-style tokenizer makes that reconstruction identical to the files.
+    d = resolve_model(f"builtin:{name}", cache)
+    style = "qwen2" if name == "tiny-qwen2" else "gpt2"
+    ours = build_byte_level_tokenizer(style)
+    loaded = transformers.AutoTokenizer.from_pretrained(str(d))
+    assert len(loaded) == 512
+    assert loaded.get_vocab() == ours.get_vocab()
+    assert loaded.unk_token is None
+    texts = ["Hello, world! 2024 numbers", "e\u0301 café 日本語 😀", "<|im_start|>user\nhi<|im_end|>\n", "a\n\n  b"]
+    for text in texts:
+        assert loaded.encode(text, add_special_tokens=False) == ours.encode(text, add_special_tokens=False), text
+    wrapped = Tokenizer.from_pretrained(d)
+    assert wrapped.vocab_size == 512
+    assert wrapped.decode(wrapped.encode("plain text, 123")) == "plain text, 123"
 
 
 @pytest.mark.parametrize("name", TINY)

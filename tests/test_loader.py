@@ -54,7 +54,7 @@ def test_missing_and_corrupt_config(model_dir: Path):
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_model(model_dir)
     (model_dir / "config.json").unlink()
-    with pytest.raises(ConfigError, match="config.json"):
+    with pytest.raises(ConfigError, match=r"config\.json"):
         load_model(model_dir)
 
 
@@ -62,7 +62,10 @@ def test_missing_and_corrupt_config(model_dir: Path):
     ("changes", "message"),
     [
         ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture"),
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "unsupported rope scaling 'yarn'"),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+            "unsupported rope scaling 'yarn'",
+        ),
         ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
         ({"num_key_value_heads": 3}, "not divisible"),
         ({"hidden_size": None}, "missing required option 'hidden_size'"),
@@ -76,8 +79,15 @@ def test_unsupported_config_options_are_named(model_dir: Path, changes: dict, me
 
 
 def test_qwen2_sliding_window_is_refused():
-    raw = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 8, "num_attention_heads": 2, "vocab_size": 4,
-           "intermediate_size": 8, "num_hidden_layers": 1, "use_sliding_window": True}
+    raw = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 8,
+        "num_attention_heads": 2,
+        "vocab_size": 4,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "use_sliding_window": True,
+    }
     with pytest.raises(ConfigError, match="use_sliding_window"):
         ModelConfig.from_dict(raw)
 
@@ -99,7 +109,7 @@ def test_missing_shard(model_dir: Path):
     (model_dir / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}})
     )
-    with pytest.raises(LoadError, match="missing: model-00002-of-00002.safetensors"):
+    with pytest.raises(LoadError, match=r"missing: model-00002-of-00002\.safetensors"):
         load_model(model_dir)
 
 
@@ -119,5 +129,5 @@ def test_unexpected_tensor(model_dir: Path):
     tensors = load_file(model_dir / "model.safetensors")
     tensors["model.vision_tower.weight"] = torch.zeros(2)
     save_file(tensors, str(model_dir / "model.safetensors"))
-    with pytest.raises(LoadError, match="unexpected tensor 'model.vision_tower.weight'"):
+    with pytest.raises(LoadError, match=r"unexpected tensor 'model\.vision_tower\.weight'"):
         load_model(model_dir)

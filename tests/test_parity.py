@@ -11,18 +11,41 @@ from engine.engine import Engine
 from engine.sampling import SamplingParams
 
 ROPE_LLAMA3 = {
-    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
 }
 ROPE_LINEAR = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
 
 # (family, seed, config overrides): GQA ratios, head dims, rope scaling, tied embeddings, biases, windows
 CONFIGS = [
     ("llama", 1, dict(num_attention_heads=4, num_key_value_heads=4)),
-    ("llama", 2, dict(num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_parameters=ROPE_LLAMA3,
-                      tie_word_embeddings=True)),
-    ("llama", 3, dict(num_attention_heads=4, num_key_value_heads=1, head_dim=24, rope_parameters=ROPE_LINEAR,
-                      attention_bias=True, mlp_bias=True)),
+    (
+        "llama",
+        2,
+        dict(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=32,
+            rope_parameters=ROPE_LLAMA3,
+            tie_word_embeddings=True,
+        ),
+    ),
+    (
+        "llama",
+        3,
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=24,
+            rope_parameters=ROPE_LINEAR,
+            attention_bias=True,
+            mlp_bias=True,
+        ),
+    ),
     ("qwen2", 4, dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
     ("qwen2", 5, dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=96, head_dim=16)),
     ("mistral", 6, dict(num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=None)),

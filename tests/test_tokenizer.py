@@ -69,6 +69,20 @@ def test_training_is_deterministic(hf_tok: transformers.PreTrainedTokenizerFast)
     assert again.backend_tokenizer.to_str() == hf_tok.backend_tokenizer.to_str()
 
 
+def test_qwen2_style(hf_tok: transformers.PreTrainedTokenizerFast) -> None:
+    qwen = build_byte_level_tokenizer("qwen2")
+    assert len(qwen) == 512
+    assert qwen.get_vocab()[IM_END_TOKEN] == hf_tok.get_vocab()[IM_END_TOKEN]
+    # Qwen2 splits numbers into single digits and NFC-normalises; GPT-2 style keeps both as given.
+    assert len(qwen.encode("20242024", add_special_tokens=False)) == 8
+    assert qwen.decode(qwen.encode("e\u0301", add_special_tokens=False)) == "\u00e9"
+    assert hf_tok.decode(hf_tok.encode("e\u0301", add_special_tokens=False)) == "e\u0301"
+    text = "Hello 😀 日本語"
+    assert qwen.decode(qwen.encode(text, add_special_tokens=False)) == text
+    with pytest.raises(ValueError, match="unknown tokenizer style"):
+        build_byte_level_tokenizer("bert")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
 def test_round_trip(tok: Tokenizer, text: str) -> None:
     ids = tok.encode(text)
@@ -107,8 +121,7 @@ MESSAGES = [
     {"role": "user", "content": "Hi there! 👋\nHow are you?"},
 ]
 EXPECTED_CHATML = (
-    "<|im_start|>system\nYou are helpful.<|im_end|>\n"
-    "<|im_start|>user\nHi there! 👋\nHow are you?<|im_end|>\n"
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi there! 👋\nHow are you?<|im_end|>\n"
 )
 
 

@@ -9,9 +9,7 @@ from engine.attention.torch_backend import TorchAttention
 from engine.kvcache import KVPool
 
 
-def create_attention_backend(
-    name: str, pool: KVPool, num_heads: int, sliding_window: int | None
-) -> AttentionBackend:
+def create_attention_backend(name: str, pool: KVPool, num_heads: int, sliding_window: int | None) -> AttentionBackend:
     """`auto` picks FlashInfer on CUDA when it is importable, the torch backend otherwise."""
     if name not in ("auto", "torch", "flashinfer"):
         raise ValueError(f"unknown attention backend {name!r}; use auto, torch or flashinfer")
@@ -21,8 +19,10 @@ def create_attention_backend(
 
     if not flashinfer_backend.available():
         if name == "flashinfer":
-            raise RuntimeError("attention backend flashinfer requested but flashinfer is not installed "
-                               "(pip install 'pdserve[flashinfer]')")
+            raise RuntimeError(
+                "attention backend flashinfer requested but flashinfer is not installed "
+                "(pip install 'pdserve[flashinfer]')"
+            )
         return TorchAttention(pool, num_heads, sliding_window)
     if pool.device.type != "cuda":
         raise RuntimeError("the flashinfer attention backend needs a CUDA device")

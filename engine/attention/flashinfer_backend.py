@@ -42,20 +42,32 @@ class FlashInferAttention(AttentionBackend):
         kv_indices = torch.tensor(indices, **i32)
         last_page_len = torch.tensor([(n - 1) % ps + 1 for n in batch.seq_lens], **i32)
         dtype, kv_dtype = self.pool.layout.dtype, self.pool.layout.dtype
-        common = dict(
-            window_left=self._window_left, sm_scale=self.scale, q_data_type=dtype, kv_data_type=kv_dtype
-        )
+        common = dict(window_left=self._window_left, sm_scale=self.scale, q_data_type=dtype, kv_data_type=kv_dtype)
         if batch.mode == ForwardMode.DECODE:
             self._decode.plan(
-                kv_indptr, kv_indices, last_page_len, self.num_heads, self.num_kv_heads, self.head_dim, ps,
+                kv_indptr,
+                kv_indices,
+                last_page_len,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                ps,
                 **common,
             )
         else:
             qo_indptr = torch.tensor([0, *torch.tensor(batch.extend_lens).cumsum(0).tolist()], **i32)
             # causal with paged KV aligns the last query with the last key, which is what extend needs
             self._prefill.plan(
-                qo_indptr, kv_indptr, kv_indices, last_page_len,
-                self.num_heads, self.num_kv_heads, self.head_dim, ps, causal=True, **common,
+                qo_indptr,
+                kv_indptr,
+                kv_indices,
+                last_page_len,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                ps,
+                causal=True,
+                **common,
             )
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -77,9 +77,7 @@ class TorchAttention(AttentionBackend):
             return self._decode(layer, q, meta)
         return self._extend(layer, q, k, v, meta)
 
-    def _extend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _ExtendMeta
-    ) -> torch.Tensor:
+    def _extend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: _ExtendMeta) -> torch.Tensor:
         assert self.batch is not None
         out = torch.empty_like(q)
         for i, n in enumerate(self.batch.extend_lens):
