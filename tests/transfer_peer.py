@@ -1,0 +1,171 @@
+"""One side of a KV transfer in its own process, driven by JSON-line commands on stdin (for tests and
+benchmarks). It behaves like a server would: pages are reserved per room and freed only when the
+transfer layer says no write can still touch them.
+
+    python tests/transfer_peer.py '{"role": "prefill", "backend": "mooncake", ...}'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.device import CompletedEvent  # noqa: E402
+from engine.kvcache import KVPool  # noqa: E402
+from engine.kvcache.pool import KVLayout  # noqa: E402
+from transfer.aux import AuxRow  # noqa: E402
+from transfer.bootstrap import BootstrapServer  # noqa: E402
+from transfer.config import Timeouts, TransferConfig  # noqa: E402
+from transfer.decode import DecodeTransferManager  # noqa: E402
+from transfer.prefill import PrefillTransferManager  # noqa: E402
+
+
+class ManualEvent:
+    """A device event the test completes by hand: stands in for a CUDA event still pending on the stream."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+
+    def query(self) -> bool:
+        return self._done.is_set()
+
+    def synchronize(self) -> None:
+        self._done.wait()
+
+    def complete(self) -> None:
+        self._done.set()
+
+
+class Peer:
+    def __init__(self, cfg: dict) -> None:
+        self.role = cfg["role"]
+        layout = KVLayout(
+            num_layers=cfg.get("num_layers", 4),
+            page_size=cfg.get("page_size", 4),
+            num_kv_heads=cfg.get("num_kv_heads", 2),
+            head_dim=cfg.get("head_dim", 8),
+            dtype=getattr(torch, cfg.get("dtype", "float32")),
+        )
+        self.pool = KVPool(layout, cfg.get("num_pages", 64))
+        timeouts = Timeouts(**cfg.get("timeouts", {}))
+        tcfg = TransferConfig(backend=cfg["backend"], timeouts=timeouts, aux_rows=cfg.get("aux_rows", 16))
+        self.events: dict[str, ManualEvent] = {}
+        self.pages: dict[int, list[int]] = {}
+        self.handles: dict[int, object] = {}
+        if self.role == "prefill":
+            self.bootstrap = BootstrapServer("127.0.0.1", 0).start()
+            self.addr = f"127.0.0.1:{self.bootstrap.port}"
+            self.mgr = PrefillTransferManager(tcfg, self.pool, bootstrap_addr=self.addr)
+        else:
+            self.addr = ""
+            self.mgr = DecodeTransferManager(tcfg, self.pool)
+        g = torch.Generator().manual_seed(cfg.get("seed", 0))
+        if self.role == "prefill":
+            for t in (*self.pool.k, *self.pool.v):
+                t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
+
+    # -- commands -----------------------------------------------------------------------------------
+
+    def cmd_info(self) -> dict:
+        return {"bootstrap_addr": self.addr, "endpoint": self.mgr.endpoint, "pages": self.pool.num_pages}
+
+    def cmd_alloc(self, room: int, n: int, pages: list[int] | None = None) -> dict:
+        alloc = self.pool.allocator
+        if pages is not None:  # take specific pages (tests want non-contiguous layouts)
+            free = alloc.free_pages()
+            assert set(pages) <= free, "requested pages are not free"
+            taken = alloc.allocate(len(free))
+            alloc.free([p for p in taken if p not in pages])
+        else:
+            pages = alloc.allocate(n)
+        self.pages[room] = pages
+        return {"pages": pages}
+
+    def cmd_create(self, room: int, bootstrap_addr: str = "", prompt_len: int = 0) -> dict:
+        if self.role == "prefill":
+            self.handles[room] = self.mgr.create_sender(room)
+        else:
+            self.handles[room] = self.mgr.create_receiver(room, bootstrap_addr, self.pages[room], prompt_len)
+        return {}
+
+    def cmd_send(self, room: int, start: int, end: int, event: str = "") -> dict:
+        ev = self.events.setdefault(event, ManualEvent()) if event else CompletedEvent()
+        self.handles[room].send(start, end, self.pages[room], ev)
+        return {}
+
+    def cmd_finish(self, room: int, prompt_len: int, token: int, logprob: float, event: str = "") -> dict:
+        ev = self.events.setdefault(event, ManualEvent()) if event else CompletedEvent()
+        self.handles[room].finish(AuxRow(room, prompt_len, token, logprob), ev)
+        return {}
+
+    def cmd_complete(self, event: str) -> dict:
+        self.events.setdefault(event, ManualEvent()).complete()
+        return {}
+
+    def cmd_poll(self, room: int) -> dict:
+        h = self.handles[room]
+        out = {"state": h.poll().name, "error": h.error, "safe": h.safe_to_free()}
+        if self.role == "decode" and out["state"] == "SUCCESS":
+            row = h.result()
+            out["aux"] = [row.room, row.prompt_len, row.first_token, row.logprob]
+        return out
+
+    def cmd_abort(self, room: int) -> dict:
+        self.handles[room].abort()
+        return {}
+
+    def cmd_release(self, room: int) -> dict:
+        h = self.handles[room]
+        if not h.safe_to_free():
+            return {"freed": False}
+        h.release()
+        self.pool.allocator.free(self.pages.pop(room))
+        del self.handles[room]
+        return {"freed": True}
+
+    def cmd_hash(self, pages: list[int]) -> dict:
+        """Digest of each (region, page): K of each layer, then V of each layer."""
+        out = []
+        for t in (*self.pool.k, *self.pool.v):
+            out.append([hashlib.sha1(t[p].contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for p in pages])
+        return {"hashes": out}
+
+    def cmd_scribble(self, pages: list[int], seed: int) -> dict:
+        g = torch.Generator().manual_seed(seed)
+        for t in (*self.pool.k, *self.pool.v):
+            t[pages] = torch.randn(t[pages].shape, generator=g).to(t.dtype)
+        return {}
+
+    def cmd_status(self) -> dict:
+        return {
+            "free_pages": self.pool.allocator.num_free,
+            "num_pages": self.pool.num_pages,
+            "free_aux": self.mgr.aux.num_free,
+            "aux_rows": self.mgr.aux.rows,
+            "live_rooms": self.mgr.live_rooms(),
+        }
+
+
+def main() -> None:
+    peer = Peer(json.loads(sys.argv[1]))
+    print(json.dumps({"ok": True, **peer.cmd_info()}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            reply = {"ok": True, **getattr(peer, f"cmd_{req.pop('cmd')}")(**req)}
+        except Exception as e:
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+        print(json.dumps(reply), flush=True)
+    peer.mgr.close()
+
+
+if __name__ == "__main__":
+    main()

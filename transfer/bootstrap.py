@@ -1,0 +1,177 @@
+"""The bootstrap server (prefill side, DESIGN §3.2) and decode's client for it.
+
+Each prefill rank registers its control endpoint and KV layout with `PUT /route`; decode asks
+`GET /route` once per prefill for the layout (503 until every rank registered) and
+`GET /route?tp_rank=R` for one rank's endpoint. `GET /health` is decode's heartbeat target.
+A small stdlib HTTP server in a daemon thread is enough: a handful of calls per prefill/decode pair.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BOOTSTRAP_PORT = 8998
+# Fields decode must agree on with prefill before any byte moves.
+LAYOUT_FIELDS = ("page_size", "kv_dtype", "num_layers", "num_kv_heads", "head_dim", "backend")
+
+
+class BootstrapError(RuntimeError):
+    pass
+
+
+class LayoutMismatch(BootstrapError):
+    pass
+
+
+@dataclass
+class RankInfo:
+    tp_size: int
+    tp_rank: int
+    rank_ip: str
+    rank_port: int
+    page_size: int
+    kv_dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    backend: str
+
+    def layout(self) -> dict:
+        return {"tp_size": self.tp_size, **{k: getattr(self, k) for k in LAYOUT_FIELDS}}
+
+
+class BootstrapServer:
+    def __init__(self, host: str = "0.0.0.0", port: int = DEFAULT_BOOTSTRAP_PORT) -> None:
+        self._ranks: dict[int, RankInfo] = {}
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer((host, port), self._handler())
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="bootstrap-http", daemon=True)
+
+    def start(self) -> BootstrapServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, fmt: str, *args: object) -> None:
+                log.debug("bootstrap: " + fmt, *args)
+
+            def _reply(self, code: int, body: object) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                url = urlparse(self.path)
+                if url.path == "/health":
+                    return self._reply(200, {"status": "ok"})
+                if url.path != "/route":
+                    return self._reply(404, {"error": f"no route {url.path}"})
+                query = parse_qs(url.query)
+                code, body = server.lookup(query.get("tp_rank", [None])[0])
+                return self._reply(code, body)
+
+            def do_PUT(self) -> None:
+                if urlparse(self.path).path != "/route":
+                    return self._reply(404, {"error": f"no route {self.path}"})
+                try:
+                    length = int(self.headers.get("Content-Length", 0))
+                    info = RankInfo(**json.loads(self.rfile.read(length)))
+                except (ValueError, TypeError) as e:
+                    return self._reply(400, {"error": f"bad registration: {e}"})
+                server.register(info)
+                return self._reply(200, {"status": "registered"})
+
+        return Handler
+
+    def register(self, info: RankInfo) -> None:
+        with self._lock:
+            self._ranks[info.tp_rank] = info
+        log.info("bootstrap: prefill rank %d/%d at %s:%d", info.tp_rank, info.tp_size, info.rank_ip, info.rank_port)
+
+    def lookup(self, tp_rank: str | None) -> tuple[int, dict]:
+        with self._lock:
+            ranks = dict(self._ranks)
+        if not ranks:
+            return 503, {"error": "no prefill rank registered yet"}
+        tp_size = next(iter(ranks.values())).tp_size
+        if tp_rank is None:
+            if len(ranks) < tp_size:
+                return 503, {"error": f"{len(ranks)} of {tp_size} prefill ranks registered"}
+            return 200, ranks[min(ranks)].layout()
+        try:
+            rank = int(tp_rank)
+        except ValueError:
+            return 400, {"error": f"tp_rank must be an integer, got {tp_rank!r}"}
+        if rank not in ranks:
+            return 404, {"error": f"unknown prefill rank {rank}"}
+        return 200, {"rank_ip": ranks[rank].rank_ip, "rank_port": ranks[rank].rank_port}
+
+
+def register_rank(bootstrap_addr: str, info: RankInfo, timeout: float = 5.0, attempts: int = 5) -> None:
+    """PUT this rank's info, retrying with backoff while the server starts."""
+    delay = 0.2
+    for attempt in range(attempts):
+        try:
+            r = httpx.put(f"http://{bootstrap_addr}/route", json=asdict(info), timeout=timeout)
+            r.raise_for_status()
+            return
+        except httpx.HTTPError as e:
+            if attempt == attempts - 1:
+                raise BootstrapError(f"cannot register with bootstrap server {bootstrap_addr}: {e}") from e
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def fetch_route(bootstrap_addr: str, tp_rank: int | None = None, timeout: float = 5.0) -> dict:
+    params = {} if tp_rank is None else {"tp_rank": tp_rank}
+    try:
+        r = httpx.get(f"http://{bootstrap_addr}/route", params=params, timeout=timeout)
+    except httpx.HTTPError as e:
+        raise BootstrapError(f"prefill bootstrap server {bootstrap_addr} unreachable: {e}") from e
+    if r.status_code != 200:
+        raise BootstrapError(f"prefill bootstrap server {bootstrap_addr} answered {r.status_code}: {r.text}")
+    return r.json()
+
+
+def check_layout(local: dict, remote: dict, bootstrap_addr: str) -> None:
+    """Refuse a prefill whose KV layout differs, naming every field that does."""
+    diffs = [
+        f"{k}: prefill {remote.get(k)!r} vs decode {local[k]!r}" for k in LAYOUT_FIELDS if remote.get(k) != local[k]
+    ]
+    if diffs:
+        raise LayoutMismatch(f"prefill at {bootstrap_addr} has an incompatible KV layout ({'; '.join(diffs)})")
+    if remote.get("tp_size") != local.get("tp_size"):
+        # Different TP sizes need KV head slicing (planned); refuse clearly until then.
+        raise LayoutMismatch(
+            f"prefill at {bootstrap_addr} runs tp_size {remote.get('tp_size')}, decode {local.get('tp_size')}: "
+            "prefill TP != decode TP is not supported yet"
+        )
+
+
+def health(bootstrap_addr: str, timeout: float = 2.0) -> bool:
+    try:
+        return httpx.get(f"http://{bootstrap_addr}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,47 @@
+"""Settings of the transfer layer. Defaults are for production; tests shorten the timeouts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BACKENDS = ("mooncake", "nixl")
+
+
+@dataclass
+class Timeouts:
+    bootstrap: float = 300.0  # prefill: waiting for decode's transfer info; decode: resolving/registering
+    waiting_for_input: float = 300.0  # prefill: forward not started; decode: prefill has not started writing
+    transferring: float = 120.0  # writes started but not all completed
+    abort_ack: float = 30.0  # decode keeps a failed room's pages until ack'd, prefill dead, or this long
+    heartbeat_interval: float = 5.0  # decode → prefill bootstrap /health
+    heartbeat_failures: int = 2  # consecutive misses that declare a prefill lost
+    http: float = 5.0  # one bootstrap HTTP call
+
+    def validate(self) -> None:
+        for name in ("bootstrap", "waiting_for_input", "transferring", "abort_ack", "heartbeat_interval", "http"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"timeout {name} must be > 0, got {getattr(self, name)}")
+        if self.heartbeat_failures < 1:
+            raise ValueError(f"heartbeat_failures must be >= 1, got {self.heartbeat_failures}")
+
+
+@dataclass
+class TransferConfig:
+    backend: str = "mooncake"
+    host: str = "127.0.0.1"  # the address peers reach this process on (pod IP on clusters)
+    zmq_port: int = 0  # control socket; 0 picks a free port
+    mooncake_protocol: str = "tcp"  # rdma on clusters
+    device_names: str = ""  # RDMA NICs for Mooncake, e.g. "mlx5_0,mlx5_1"
+    tp_rank: int = 0
+    tp_size: int = 1
+    aux_rows: int = 1024  # in-flight rooms one side can hold
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown transfer backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank {self.tp_rank} outside tp_size {self.tp_size}")
+        if self.aux_rows < 1:
+            raise ValueError(f"aux_rows must be >= 1, got {self.aux_rows}")
+        self.timeouts.validate()

@@ -1,0 +1,160 @@
+"""What both sides' transfer managers share: the backend with every KV region registered, the ZMQ control
+sockets, and the threads that receive messages and enforce deadlines.
+
+Threads: `recv` (control socket → `_handle`), `tick` (timeouts → `_tick`), plus whatever a side adds.
+One re-entrant lock guards all room bookkeeping; ZMQ sockets are used from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import zmq
+
+from engine.kvcache import KVPool
+from transfer.aux import AuxBuffer
+from transfer.backends import BackendSettings, MemoryRegion, create_backend
+from transfer.config import TransferConfig
+from transfer.protocol import Message, ProtocolError, decode, encode
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 50
+_TICK_S = 0.02
+
+
+class DuplicateRoomError(ValueError):
+    """A bootstrap_room that is still live on this side."""
+
+
+def kv_regions(pool: KVPool) -> list[MemoryRegion]:
+    """K of every layer, then V of every layer: the region order both sides share."""
+    regions = [MemoryRegion(k.data_ptr(), pool.page_bytes, pool.num_pages) for k in pool.k]
+    return regions + [MemoryRegion(v.data_ptr(), pool.page_bytes, pool.num_pages) for v in pool.v]
+
+
+class TransferManager:
+    role = ""
+
+    def __init__(self, cfg: TransferConfig, pool: KVPool, aux: AuxBuffer | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.timeouts = cfg.timeouts
+        self.pool = pool
+        self.num_layers = pool.layout.num_layers
+        self.aux = aux or AuxBuffer(cfg.aux_rows, pool.device)
+        self.regions = [*kv_regions(pool), self.aux.region]
+        self.backend = create_backend(
+            cfg.backend,
+            BackendSettings(host=cfg.host, protocol=cfg.mooncake_protocol, device_names=cfg.device_names),
+        )
+        self.backend.register(self.regions, pool.device)
+
+        self._zmq = zmq.Context()
+        self._pull = self._zmq.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        if cfg.zmq_port:
+            self._pull.bind(f"tcp://{cfg.host}:{cfg.zmq_port}")
+            port = cfg.zmq_port
+        else:
+            port = self._pull.bind_to_random_port(f"tcp://{cfg.host}")
+        self.zmq_port = port
+        self.endpoint = f"tcp://{cfg.host}:{port}"
+        self._push: dict[str, zmq.Socket] = {}
+        self._send_lock = threading.Lock()
+
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._spawn(self._recv_loop, "recv")
+        self._spawn(self._tick_loop, "tick")
+
+    # -- threads --------------------------------------------------------------------------------------
+
+    def _spawn(self, target, name: str) -> None:
+        t = threading.Thread(target=target, name=f"{self.role}-{name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _recv_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._pull, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(_POLL_MS):
+                continue
+            data = self._pull.recv()
+            try:
+                msg = decode(data)
+            except ProtocolError as e:
+                log.warning("%s: dropped malformed control message (%d bytes): %s", self.role, len(data), e)
+                continue
+            try:
+                self._handle(msg)
+            except Exception:  # a bug in one message must not stop the control plane
+                log.exception("%s: error handling %s", self.role, type(msg).__name__)
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(_TICK_S):
+            try:
+                self._tick()
+            except Exception:
+                log.exception("%s: error in tick", self.role)
+
+    def _handle(self, msg: Message) -> None:
+        raise NotImplementedError
+
+    def _tick(self) -> None:
+        raise NotImplementedError
+
+    # -- messaging ------------------------------------------------------------------------------------
+
+    def send(self, endpoint: str, msg: Message) -> bool:
+        """Best effort: a dead peer must not block the caller for long."""
+        with self._send_lock:
+            sock = self._push.get(endpoint)
+            if sock is None:
+                sock = self._zmq.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDTIMEO, 1000)
+                sock.connect(endpoint)
+                self._push[endpoint] = sock
+            try:
+                sock.send(encode(msg))
+                return True
+            except zmq.ZMQError as e:
+                log.warning("%s: cannot send %s to %s: %s", self.role, type(msg).__name__, endpoint, e)
+                return False
+
+    def forget_endpoint(self, endpoint: str) -> None:
+        with self._send_lock:
+            sock = self._push.pop(endpoint, None)
+            if sock is not None:
+                sock.close(linger=0)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        with self._send_lock:
+            for sock in self._push.values():
+                sock.close(linger=0)
+            self._push.clear()
+        self._pull.close(linger=0)
+        self._zmq.term()
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def now() -> float:
+    return time.monotonic()
