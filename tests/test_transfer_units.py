@@ -46,8 +46,15 @@ def test_messages_round_trip():
         msgpack.packb({"v": PROTOCOL_VERSION, "type": "status", "room": "1", "state": 4, "sender_rank": 0}),
         msgpack.packb({"v": PROTOCOL_VERSION, "type": "status", "room": 1, "state": 4, "sender_rank": 0, "x": 1}),
         msgpack.packb(
-            {"v": PROTOCOL_VERSION, "type": "transfer_info", "room": 1, "session": "s", "dst_pages": [1, "2"],
-             "aux_row": 0, "prompt_len": 3}
+            {
+                "v": PROTOCOL_VERSION,
+                "type": "transfer_info",
+                "room": 1,
+                "session": "s",
+                "dst_pages": [1, "2"],
+                "aux_row": 0,
+                "prompt_len": 3,
+            }
         ),
     ],
     ids=["not-msgpack", "not-a-map", "version", "unknown-type", "missing", "wrong-type", "extra", "bad-list"],

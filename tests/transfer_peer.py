@@ -11,6 +11,7 @@ import hashlib
 import json
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -18,14 +19,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.device import CompletedEvent  # noqa: E402
-from engine.kvcache import KVPool  # noqa: E402
-from engine.kvcache.pool import KVLayout  # noqa: E402
-from transfer.aux import AuxRow  # noqa: E402
-from transfer.bootstrap import BootstrapServer  # noqa: E402
-from transfer.config import Timeouts, TransferConfig  # noqa: E402
-from transfer.decode import DecodeTransferManager  # noqa: E402
-from transfer.prefill import PrefillTransferManager  # noqa: E402
+from engine.device import CompletedEvent
+from engine.kvcache import KVPool
+from engine.kvcache.pool import KVLayout
+from transfer.aux import AuxRow
+from transfer.backends import Status
+from transfer.bootstrap import BootstrapServer
+from transfer.config import Timeouts, TransferConfig
+from transfer.decode import DecodeTransferManager
+from transfer.planner import layer_copies, merge_runs
+from transfer.prefill import PrefillTransferManager
+from transfer.protocol import TransferState
 
 
 class ManualEvent:
@@ -143,6 +147,47 @@ class Peer:
         for t in (*self.pool.k, *self.pool.v):
             t[pages] = torch.randn(t[pages].shape, generator=g).to(t.dtype)
         return {}
+
+    def cmd_timed_transfer(self, room: int, groups: list[list[int]], prompt_len: int, timeout: float = 60) -> dict:
+        """Prefill: send every group and the aux row, spin until SUCCESS; seconds from first send."""
+        sender = self.handles[room]
+        t0 = time.perf_counter()
+        for start, end in groups:
+            sender.send(start, end, self.pages[room], CompletedEvent())
+        sender.finish(AuxRow(room, prompt_len, 1, 0.0), CompletedEvent())
+        while (state := sender.poll()) not in (TransferState.SUCCESS, TransferState.FAILED):
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError(f"room {room} stuck in {state.name}")
+        if state != TransferState.SUCCESS:
+            raise RuntimeError(sender.error)
+        return {"seconds": time.perf_counter() - t0}
+
+    def cmd_raw_write(self, room: int, timeout: float = 60) -> dict:
+        """Prefill: the room's KV bytes with the same (merged) descriptors, written by the engine itself in
+        one batch: Mooncake's batch_transfer_sync_write, NIXL's single prepared transfer."""
+        info = next(iter(self.mgr._room(room).infos.values()))
+        runs = merge_runs(self.pages[room], info.dst_pages[: len(self.pages[room])])
+        copies = layer_copies(0, self.mgr.num_layers, self.mgr.num_layers, runs)
+        backend = self.mgr.backend
+        t0 = time.perf_counter()
+        if backend.name == "mooncake":
+            peer = backend._peers[info.session]
+            reqs = backend._translate(info.session, peer, copies)
+            rc = backend._engine.batch_transfer_sync_write(
+                peer.session_id, [r[0] for r in reqs], [r[1] for r in reqs], [r[2] for r in reqs]
+            )
+            ok = rc == 0
+        else:
+            handle = backend.submit_write(info.session, copies)
+            while (status := backend.poll(handle)[0]) == Status.PENDING:
+                if time.perf_counter() - t0 > timeout:
+                    raise TimeoutError("raw write did not complete")
+            backend.release(handle)
+            ok = status == Status.DONE
+        seconds = time.perf_counter() - t0
+        if not ok:
+            raise RuntimeError("raw write failed")
+        return {"seconds": seconds, "descriptors": len(copies), "pages": len(self.pages[room]), "runs": len(runs)}
 
     def cmd_status(self) -> dict:
         return {

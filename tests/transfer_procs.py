@@ -18,9 +18,12 @@ PEER = Path(__file__).with_name("transfer_peer.py")
 class PeerProc:
     def __init__(self, **cfg) -> None:
         env = dict(os.environ, GLOG_minloglevel="2", NIXL_LOG_LEVEL="WARN")
+        # PDSERVE_PEER_LOG=DIR keeps each peer's stderr (engine logs) for debugging
+        log_dir = os.environ.get("PDSERVE_PEER_LOG")
+        stderr = open(f"{log_dir}/{cfg['role']}-{os.getpid()}-{id(self)}.log", "w") if log_dir else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, str(PEER), json.dumps(cfg)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
         )  # fmt: skip
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()

@@ -317,9 +317,11 @@ class DecodeTransferManager(TransferManager):
             log.error("decode: lost prefill %s after %d missed heartbeats", addr, misses)
             self._dead.add(addr)
             self._prefills.pop(addr, None)
+            ever_reached = p is not None and p.registered
             for room, r in self._rooms.items():
                 if r.bootstrap_addr == addr:
-                    self._fail(room, f"lost connection with prefill {addr}", tell_prefill=False)
+                    why = f"lost connection with prefill {addr}" if ever_reached else f"prefill {addr} unreachable"
+                    self._fail(room, why + (f" ({r.last_error})" if r.last_error else ""), tell_prefill=False)
         if p is not None and p.endpoint:
             self.forget_endpoint(p.endpoint)
 
