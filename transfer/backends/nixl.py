@@ -1,34 +1,33 @@
 """NIXL transfer backend (UCX plugin): one-sided WRITEs from the prefill side into decode's registered memory.
 
-Descriptor lists are prepared once: our own when registering, a peer's when it is added, with one
-descriptor per item of every region (region r's item i sits at index ``offset[r] + i``). A write is then
-only ``make_prepped_xfer`` with two index arrays, so per-write cost does not grow with the pool size.
-The lists are handed to NIXL in its compressed Nx5 form (``base, item_bytes, dev, stride, count``: one row
-per region) where the installed NIXL accepts it, else fully expanded (one Nx3 row per item). For a decode
-pool of 64 regions x 4096 items (262,144 descriptors) preparing local + remote lists took ~0.2 ms compressed
-and ~60-130 ms expanded (list build ~20 ms, local prep ~40-110 ms, remote prep ~25 ms) on the 2-core dev box;
-``make_prepped_xfer`` for a 1,024-item write takes ~20-80 us either way.
+Descriptor lists are prepared once: our own at register(), a peer's at add_peer(), one descriptor per item of
+every region (region r's item i is index ``offset[r] + i``). A write is then only ``make_prepped_xfer`` with
+two index arrays, so its cost does not grow with the pool. The lists go to NIXL in its compressed Nx5 form
+(``base, item_bytes, dev, stride, count``: one row per region) where NIXL accepts it, else expanded (one Nx3
+row per item). Measured for a decode pool of 64 regions x 4096 items (262,144 descriptors, 2-core box):
+compressed, local prep ~1 ms and remote prep ~0.1 ms; expanded, building the array ~7 ms, local prep ~4 ms,
+remote prep ~10 ms. Loading the peer's metadata (``add_remote_agent``) adds ~10 ms. Per write of 64 runs /
+1,024 items: index expansion ~40 us, ``make_prepped_xfer`` ~4 us, ``transfer()`` ~150 us for 256 KiB (on one
+host UCX copies through shared memory/CMA inside that call).
 
 ``metadata()`` is NIXL's agent metadata behind a small header carrying our memory type and GPU index: NIXL
-looks a remote descriptor up by (memory type, device id, address), and MemoryRegion does not say on which
-device the peer's buffers live, so the peer must tell us.
+finds a remote descriptor by (memory type, device id, address), and MemoryRegion does not say on which device
+the peer's buffers live, so the peer must tell us.
 
-Dead or stuck target (measured with NIXL 1.5.1 / bundled UCX, initiator and target on one host):
-- Target killed (SIGKILL) before or between writes: the next ``transfer()`` raises
-  ``nixlRemoteDisconnectError`` at once (< 1 ms; UCX saw the TCP connection close), or, if no connection had
-  been made yet, the write fails within a few ms on "connection refused". Writes never report success.
-- Target killed while a write is in flight over the TCP transport (``UCX_TLS=tcp``, as between hosts without
-  RDMA): ``check_xfer_state`` raises ``nixlRemoteDisconnectError`` ~0.1 s after the kill.
-- On one host UCX defaults to shared memory / CMA, which are one-sided: a 512 MiB write completes inside
-  ``transfer()``, so a target dying mid-write cannot be observed, and a *stopped* (SIGSTOP) target is still
-  written into successfully.
-- Stuck target over TCP (SIGSTOP: the socket stays open but nobody acknowledges): the write stays "PROC"
-  with no error for as long as we watched (> 5 min). NIXL/UCX do not time it out, so the caller's
-  Transferring deadline is what ends it. Releasing such a handle cancels it at once, and ``remove_remote_agent``,
-  dlist release, deregistration and agent teardown return in < 1 ms, so ``release()`` and ``close()`` do not
-  hang on a dead or stuck peer.
-NIXL raises (rather than returning "ERR") for most failures; both are turned into TransferError / FAILED
-carrying NIXL's error name. The detailed reason is only in NIXL's own log on stderr.
+Dead or stuck target (NIXL 1.5.1 and its bundled UCX; initiator and target on one host, kill -9 / SIGSTOP):
+- Killed before a write (with or without an earlier write; NIXL connects in add_remote_agent): the next
+  ``transfer()`` raises ``nixlRemoteDisconnectError`` within 0.4-2 ms. A write never reports success.
+- Killed while a 256 MiB write is in flight over TCP (``UCX_TLS=tcp``, as between hosts without RDMA):
+  ``check_xfer_state`` raises ``nixlRemoteDisconnectError`` 30-120 ms after the kill.
+- With UCX's default transports on one host (shared memory/CMA, one-sided) the same write completes inside
+  ``transfer()``, so there is nothing in flight to fail, and a stopped target is still written into.
+- Stuck target over TCP (SIGSTOP: the socket stays open, nobody answers): the write stays "PROC" with no error
+  for as long as we watched (300 s). NIXL/UCX do not time it out, so the caller's Transferring deadline must.
+  A host that vanishes without closing its sockets likely looks the same until TCP/UCX keepalive gives up
+  (not measured). Releasing such a write cancels it at once, and remove_peer/close take < 5 ms, so neither
+  ``release()`` nor ``close()`` hangs on a dead or stuck peer.
+NIXL mostly raises rather than returning "ERR"; both become TransferError / FAILED carrying NIXL's error name
+(the detailed reason is only in NIXL's log on stderr).
 """
 
 from __future__ import annotations
@@ -55,6 +54,43 @@ _LOCAL = "NIXL_INIT_AGENT"  # NIXL's name for "the local side" in prep_xfer_dlis
 _MD_HEADER = struct.Struct("<5sBi")
 _MD_MAGIC = b"PDNX1"
 _MEM_TYPES = ("DRAM", "VRAM")
+# How long NIXL's UCX progress thread sleeps in poll() when no UCX event wakes it. nixl_agent hard-codes 0,
+# which makes that thread spin a whole core per agent even when idle (measured: 2 idle agents = 199% CPU;
+# with 10 ms: 1-2%, and write latency unchanged, since completions and incoming TCP data wake it at once).
+_PROGRESS_DELAY_US = 10_000
+_AGENT_CTOR_LOCK = threading.Lock()
+
+
+def _make_agent(name: str, progress_delay_us: int) -> Any:
+    try:
+        from nixl import _api
+    except ImportError as e:
+        raise TransferError(f"NIXL is not installed (pip install nixl): {e}") from e
+    conf = _api.nixl_agent_config(backends=[_UCX])
+    bindings = _api.nixlBind
+    stock = bindings.nixlAgentConfig
+    try:
+
+        class _Config(stock):  # type: ignore[misc, valid-type]
+            # nixl_agent builds its C++ config itself and sets pthrDelay = 0; this keeps our value instead.
+            def __setattr__(self, key: str, value: Any) -> None:
+                super().__setattr__(key, progress_delay_us if key == "pthrDelay" else value)
+
+    except TypeError as e:  # a NIXL whose config class cannot be subclassed: run with its busy-polling default
+        log.warning("NIXL: cannot set the progress thread delay (%s); it will busy-poll", e)
+        progress_delay_us = 0
+    try:
+        if progress_delay_us <= 0:
+            return _api.nixl_agent(name, conf)
+        # nixl_agent looks the config class up on the bindings module; swap it only while building ours.
+        with _AGENT_CTOR_LOCK:
+            bindings.nixlAgentConfig = _Config
+            try:
+                return _api.nixl_agent(name, conf)
+            finally:
+                bindings.nixlAgentConfig = stock
+    except Exception as e:
+        raise _nixl_error("could not create the NIXL agent", e) from e
 
 
 def _nixl_error(what: str, exc: BaseException) -> TransferError:
@@ -78,7 +114,7 @@ def _descriptor_rows(regions: list[MemoryRegion], dev_id: int, compressed: bool)
         return np.array(rows, dtype=np.uint64).reshape(-1, 5)
     total = sum(r.num_items for r in regions)
     arr = np.empty((total, 3), dtype=np.uint64)
-    for r, off in zip(regions, _offsets(regions)):
+    for r, off in zip(regions, _offsets(regions), strict=True):
         rows = arr[off : off + r.num_items]
         rows[:, 0] = np.uint64(r.base) + np.arange(r.num_items, dtype=np.uint64) * np.uint64(r.item_bytes)
         rows[:, 1] = r.item_bytes
@@ -129,16 +165,10 @@ class NixlBackend(TransferBackend):
 
     def __init__(self, settings: BackendSettings) -> None:
         super().__init__(settings)
-        try:
-            from nixl._api import nixl_agent, nixl_agent_config
-        except ImportError as e:
-            raise TransferError(f"NIXL is not installed (pip install nixl): {e}") from e
         # The peer knows us by this name (it is inside our metadata), so it must be unique across the cluster.
         self.agent_name = settings.agent_name or f"pdserve-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            self._agent = nixl_agent(self.agent_name, nixl_agent_config(backends=[_UCX]))
-        except Exception as e:
-            raise _nixl_error("could not create the NIXL agent", e) from e
+        delay_us = int(settings.extra.get("nixl_progress_delay_us", _PROGRESS_DELAY_US))
+        self._agent = _make_agent(self.agent_name, delay_us)
         if _UCX not in self._agent.backends:
             # nixl_agent only logs a warning when the plugin is missing; without it nothing can move.
             raise TransferError(f"NIXL's UCX plugin is not available (plugins: {self._agent.get_plugin_list()})")
@@ -243,7 +273,7 @@ class NixlBackend(TransferBackend):
     def _layout_error(self, remote: list[MemoryRegion]) -> str:
         if len(remote) != len(self._regions):
             return f"peer has {len(remote)} regions, we have {len(self._regions)}"
-        for i, (mine, theirs) in enumerate(zip(self._regions, remote)):
+        for i, (mine, theirs) in enumerate(zip(self._regions, remote, strict=True)):
             if mine.item_bytes != theirs.item_bytes:
                 return f"region {i} items are {mine.item_bytes} bytes here but {theirs.item_bytes} at the peer"
         return ""
