@@ -152,12 +152,13 @@ class Peer:
         """Prefill: send every group and the aux row, spin until SUCCESS; seconds from first send."""
         sender = self.handles[room]
         t0 = time.perf_counter()
-        for start, end in groups:
-            sender.send(start, end, self.pages[room], CompletedEvent())
-        sender.finish(AuxRow(room, prompt_len, 1, 0.0), CompletedEvent())
+        for i, (start, end) in enumerate(groups):
+            aux = AuxRow(room, prompt_len, 1, 0.0) if i == len(groups) - 1 else None
+            sender.send(start, end, self.pages[room], CompletedEvent(), aux)
         while (state := sender.poll()) not in (TransferState.SUCCESS, TransferState.FAILED):
             if time.perf_counter() - t0 > timeout:
                 raise TimeoutError(f"room {room} stuck in {state.name}")
+            time.sleep(0.0002)  # as a scheduler between steps would; a hot loop here starves the worker
         if state != TransferState.SUCCESS:
             raise RuntimeError(sender.error)
         return {"seconds": time.perf_counter() - t0}

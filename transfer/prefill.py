@@ -30,6 +30,10 @@ from transfer.state import RoomState
 
 log = logging.getLogger(__name__)
 
+# The transfer worker's wait between polls of in-flight writes (backs off from min to max while idle).
+_POLL_MIN_S = 0.0001
+_POLL_MAX_S = 0.002
+
 
 @dataclass
 class _Peer:
@@ -90,13 +94,17 @@ class KVSender:
         infos = self.manager._room(self.room).infos
         return next(iter(infos.values())).prompt_len if infos else None
 
-    def send(self, start: int, end: int, src_pages: list[int], event: DeviceEvent) -> None:
-        """Queue layers [start, end) of `src_pages`; the worker waits for `event` before reading them."""
-        self.manager._enqueue(_Chunk(self.room, start, end, list(src_pages), event))
+    def send(self, start: int, end: int, src_pages: list[int], event: DeviceEvent, aux: AuxRow | None = None) -> None:
+        """Queue layers [start, end) of `src_pages`; the worker waits for `event` before reading them.
+
+        Passing `aux` makes this the room's last write (the aux row rides in the same batch);
+        `Success` follows once every write of the room completed.
+        """
+        self.manager._enqueue(_Chunk(self.room, start, end, list(src_pages), event, aux))
 
     def finish(self, aux: AuxRow, event: DeviceEvent) -> None:
-        """Queue the aux row: the room's last write. `Success` follows once every write completed."""
-        self.manager._enqueue(_Chunk(self.room, 0, 0, [], event, aux=aux))
+        """Queue the aux row alone as the room's last write."""
+        self.send(0, 0, [], event, aux)
 
     def abort(self, reason: str = "aborted by prefill") -> None:
         self.manager._abort_local(self.room, reason)
@@ -308,19 +316,25 @@ class PrefillTransferManager(TransferManager):
     # -- the transfer worker --------------------------------------------------------------------------
 
     def _worker_loop(self) -> None:
+        idle_wait = _POLL_MIN_S
         while not self._stop.is_set():
+            busy = bool(self._inflight or self._ready)
             try:
-                timeout = 0.0005 if (self._inflight or self._ready) else 0.05
-                self._ready.append(self._queue.get(timeout=timeout))
+                self._ready.append(self._queue.get(timeout=idle_wait if busy else 0.05))
                 while True:  # drain whatever else is queued without waiting
                     self._ready.append(self._queue.get_nowait())
             except queue.Empty:
                 pass
+            progressed = False
             # In order: a chunk goes out only once the compute that wrote its pages has finished.
             while self._ready and self._ready[0].event.query():
                 self._submit(self._ready.popleft())
+                progressed = True
             if self._inflight:
-                self._poll_inflight()
+                progressed |= self._poll_inflight()
+            # Back off while big writes are in flight: on a small host, a hot poll loop steals CPU from the
+            # engine's own threads; any progress resets the wait, so short transfers stay fast.
+            idle_wait = _POLL_MIN_S if progressed else min(idle_wait * 2, _POLL_MAX_S)
 
     def _submit(self, chunk: _Chunk) -> None:
         with self._lock:
@@ -350,19 +364,21 @@ class PrefillTransferManager(TransferManager):
                     )
 
     def _copies(self, chunk: _Chunk, r: _Room, info: TransferInfo) -> list[Copy]:
+        if len(chunk.src_pages) > len(info.dst_pages):
+            raise TransferError(f"{len(chunk.src_pages)} source pages but decode reserved {len(info.dst_pages)}")
+        runs = merge_runs(chunk.src_pages, info.dst_pages[: len(chunk.src_pages)])
+        copies = layer_copies(chunk.start, chunk.end, self.num_layers, runs)
         if chunk.aux is not None:
             if r.aux_row is None:
                 r.aux_row = self.aux.allocate()
                 if r.aux_row is None:
                     raise TransferError("no free aux row on prefill")
             self.aux.write(r.aux_row, chunk.aux)
-            return [Copy(aux_region(self.num_layers), r.aux_row, info.aux_row, 1)]
-        if len(chunk.src_pages) > len(info.dst_pages):
-            raise TransferError(f"{len(chunk.src_pages)} source pages but decode reserved {len(info.dst_pages)}")
-        runs = merge_runs(chunk.src_pages, info.dst_pages[: len(chunk.src_pages)])
-        return layer_copies(chunk.start, chunk.end, self.num_layers, runs)
+            copies.append(Copy(aux_region(self.num_layers), r.aux_row, info.aux_row, 1))
+        return copies
 
-    def _poll_inflight(self) -> None:
+    def _poll_inflight(self) -> bool:
+        """Resolve finished handles; True when any did."""
         still: list[tuple[_Room, object, int]] = []
         touched: list[_Room] = []
         for r, handle, nbytes in self._inflight:
@@ -383,6 +399,7 @@ class PrefillTransferManager(TransferManager):
         with self._lock:
             for r in touched:
                 self._conclude(r.state.room, r)
+        return bool(touched)
 
     def _fail(self, room: int, r: _Room, error: str) -> None:
         if r.state.fail(error):

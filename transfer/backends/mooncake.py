@@ -1,40 +1,36 @@
 """Mooncake Transfer Engine backend (P2P handshake, no metadata server).
 
-API choice. `transfer_submit_write` + `transfer_check_status` are the only Python calls that give a
-non-blocking completion check: each Copy becomes its own one-request batch, and checking a batch costs tens
-of microseconds and never waits. (`get_batch_transfer_status` and the `*_sync_*` calls busy-wait until the
-batch settles, burning a core.) `transfer_check_status` frees the batch when it reports 1 (done) or -1
-(failed), so each batch id is checked until the first such answer and never again.
+API choice. Each write goes to the engine as `batch_transfer_sync_write` calls of at most `_BATCH` requests
+(one request per page run per layer buffer), made on one backend thread; the handle is that job's Future,
+so `poll()` never blocks. The engine slices and spreads a batch itself, which measured as fast as the engine
+goes (bench/transfer.py). Two things rule out the alternatives: the TCP transport rejects more single
+requests than its lane queue holds ("queue-full"; ~2000 page runs of a 4K-token request exceed it), and
+`transfer_check_status` on an async *batch* id reports done before the batch has landed.
 
-Submitting is done on one backend thread, because the first write to a session opens it with a blocking
-handshake, and the engine holds one lock for every session while it does: a peer that accepts TCP but
-never answers (frozen, not dead) blocks every submission for ~60 s. On that thread such a stall delays
-other submissions but never the caller, and `poll()` keeps answering meanwhile.
+The job runs on one thread because the first write to a session opens it with a blocking handshake, and
+the engine holds one lock for every session while it does: a peer that accepts TCP but never answers
+(frozen, not dead) blocks every submission for ~60 s. On that thread such a stall delays other writes but
+never the caller, and `poll()` keeps answering meanwhile.
 
-A handle settles (DONE or FAILED) only when none of its requests is still moving bytes, so after FAILED
-the caller may free or reuse both sides' pages at once.
+A handle settles (DONE or FAILED) only once the engine returned, i.e. no byte of it is still moving, so
+after FAILED the caller may free or reuse both sides' pages at once.
 
 How the TCP transport behaves when the target goes away (measured on loopback, 0.3.13, 2 cores):
-- killed (kill -9) after earlier writes: a 1-request write fails in ~1 ms (EOF/EPIPE on the open
-  connection); a 7-request write settles FAILED after ~1.0 s, as the requests queued behind the first
-  wait for one reconnect retry (ECONNREFUSED) 1 s later. `transfer_check_status` returns -1.
-- killed before any write: `transfer_submit_write` returns batch id 0 at once (handshake refused).
-- frozen (SIGSTOP) after earlier writes: nothing errors; requests fail after `MC_TCP_PROGRESS_TIMEOUT_SEC`
-  (default 30 s) per round of about 4 in flight to that peer: 1 request took 30 s, 7 took 60 s; with
-  the timeout at 5 s, 1/8/20 requests took 5/10/27 s. Lower that variable where this matters.
-- frozen before any write: the handshake holds the submit thread (and every other submission) ~60 s,
-  then gives batch id 0; writes queued to that peer meanwhile then fail at once.
-Mooncake cannot cancel a request, so `release()` of a pending handle abandons it (a small leak). `close()`
-never waits for the submit thread (under 1 ms even mid-handshake), but interpreter exit joins that
-thread, so it can wait out a stalled handshake. Destroying the engine with a request pending took <1 s.
+- killed (kill -9), before or after earlier writes: the write fails in ~1 ms (EOF/EPIPE, or the handshake
+  is refused).
+- frozen (SIGSTOP) after earlier writes: nothing errors until `MC_TCP_PROGRESS_TIMEOUT_SEC` (default 30 s)
+  per round of requests; lower that variable where this matters (the caller's Transferring timeout fails
+  the room meanwhile, but the pages stay reserved until the engine gives up).
+- frozen before any write: the handshake holds the submit thread (and every other write) ~60 s.
+Mooncake cannot cancel a request, so `release()` of a pending handle can only call off a write not yet
+started. `close()` never waits for the submit thread (under 1 ms even mid-handshake), but interpreter exit
+joins that thread, so it can wait out a stalled handshake.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections import deque
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -50,17 +46,8 @@ _INSTALL_HINT = (
     "(apt-get install libibverbs1 libnuma1); on GPU clusters install `mooncake-transfer-engine`"
 )
 
-# transfer_submit_write's failure values: 0 in 0.3.13; older builds return -1 through a uint64.
-_BAD_BATCH_IDS = frozenset({0, -1, 2**64 - 1})
-
-_CHECK_STATUS_MEANING = {
-    -1: "transfer failed: the peer died, dropped the connection or rejected the write",
-    -2: "transfer timed out in the engine",
-}
-
-# Requests of one write in the engine at once (see _submit_requests), and the wait between checks.
-_WINDOW = 256
-_SPIN_S = 0.0001
+# Requests per engine batch (see _submit_requests).
+_BATCH = 2048
 
 # One request: (local address, remote address, length in bytes).
 _Request = tuple[int, int, int]
@@ -76,25 +63,15 @@ class _Peer:
     removed: bool = False
 
 
-@dataclass
-class _Submitted:
-    batch_ids: list[int]
-    error: str = ""
-
-
 class MooncakeWrite:
-    """Handle of one submit_write: the engine batch ids (one per Copy) once the submit thread issued them."""
+    """Handle of one submit_write: the submit thread's job, whose result is "" or the error."""
 
-    def __init__(self, peer: str, session_id: str, num_requests: int, submitted: Future[_Submitted] | None) -> None:
+    def __init__(self, peer: str, session_id: str, num_requests: int, job: Future[str] | None) -> None:
         self.peer = peer
         self.session_id = session_id
         self.num_requests = num_requests
-        self._submitted = submitted
-        self._pending: list[int] | None = None if submitted is not None else []  # unsettled batch ids, in order
-        self._errors: list[str] = []
-        self._result: tuple[Status, str] | None = None if submitted is not None else (Status.DONE, "")
-        # check_status frees a settled batch; two threads checking the same id would free it twice.
-        self._lock = threading.Lock()
+        self._job = job
+        self._result: tuple[Status, str] | None = None if job is not None else (Status.DONE, "")
 
     def __repr__(self) -> str:
         state = self._result[0].value if self._result else "pending"
@@ -224,100 +201,58 @@ class MooncakeBackend(TransferBackend):
         return requests
 
     @staticmethod
-    def _submit_requests(engine: Any, p: _Peer, failures_seen: int, requests: list[_Request]) -> _Submitted:
-        """Runs on the submit thread; the engine is passed in so close() can drop its own reference.
+    def _submit_requests(engine: Any, p: _Peer, failures_seen: int, requests: list[_Request]) -> str:
+        """Runs on the submit thread: the whole write, in engine batches. Returns "" or what went wrong.
 
-        At most `_WINDOW` requests of this write are in the engine at once: the TCP transport rejects
-        requests beyond its lane queue ("queue-full"), which a 4K-token request's ~2000 page runs exceed.
-        Requests retired here are checked by this thread only; poll() takes over the rest once we return.
+        The engine is passed in so close() can drop its own reference. Batches of at most `_BATCH`
+        requests, because the TCP transport rejects more than its lane queue holds.
         """
         if p.submit_failures != failures_seen:
-            return _Submitted([], f"an earlier write to {p.session_id} failed to submit; not retrying its handshake")
-        batch_ids: deque[int] = deque()
-        for local, remote, length in requests:
-            while len(batch_ids) >= _WINDOW:
-                rc = engine.transfer_check_status(batch_ids[0])
-                if rc == 0:
-                    time.sleep(_SPIN_S)
-                    continue
-                batch_ids.popleft()
-                if rc != 1:
-                    meaning = _CHECK_STATUS_MEANING.get(rc, "unexpected status")
-                    return _Submitted(list(batch_ids), f"transfer_check_status returned {rc} ({meaning})")
+            return f"an earlier write to {p.session_id} failed; not retrying its handshake"
+        for i in range(0, len(requests), _BATCH):
             if p.removed:  # remove_peer() or close() since this write was queued
-                return _Submitted(
-                    list(batch_ids), f"peer {p.session_id} was removed before the write was fully submitted"
-                )
+                return f"peer {p.session_id} was removed before the write was fully submitted"
+            batch = requests[i : i + _BATCH]
             try:
-                batch_id = engine.transfer_submit_write(p.session_id, local, remote, length)
+                rc = engine.batch_transfer_sync_write(
+                    p.session_id, [r[0] for r in batch], [r[1] for r in batch], [r[2] for r in batch]
+                )
             except Exception as e:  # a binding error must become FAILED, not kill the submit thread's result
                 p.submit_failures += 1
-                return _Submitted(list(batch_ids), f"transfer_submit_write raised {e!r}")
-            if batch_id in _BAD_BATCH_IDS:
+                return f"batch_transfer_sync_write raised {e!r}"
+            if rc != 0:
                 p.submit_failures += 1
-                return _Submitted(
-                    list(batch_ids),
-                    f"transfer_submit_write returned {batch_id}: could not open session {p.session_id} "
-                    "(its process is gone or does not answer the handshake)",
+                return (
+                    f"batch_transfer_sync_write returned {rc}: the write to session {p.session_id} failed "
+                    "(its process is gone, dropped the connection or does not answer the handshake)"
                 )
-            batch_ids.append(batch_id)
-        return _Submitted(list(batch_ids))
+        return ""
 
     def poll(self, handle: MooncakeWrite) -> tuple[Status, str]:
-        with handle._lock:
-            if handle._result is not None:
-                return handle._result
-            engine = self._engine
-            if engine is None:
-                # The engine may be gone: its batch ids must not be touched, and nobody waits for them now.
-                handle._result = (Status.FAILED, f"mooncake write to {handle.peer}: backend closed while in flight")
-                return handle._result
-            if handle._pending is None:
-                assert handle._submitted is not None
-                if not handle._submitted.done():
-                    return Status.PENDING, ""
-                try:
-                    submitted = handle._submitted.result()
-                except CancelledError:
-                    submitted = _Submitted([], "cancelled before submission (backend closed or handle released)")
-                except Exception as e:  # defensive: _submit_requests catches engine errors itself
-                    submitted = _Submitted([], f"submission raised {e!r}")
-                handle._pending = submitted.batch_ids
-                if submitted.error:
-                    handle._errors.append(submitted.error)
-            # Requests tend to finish in order, so a still-pending one ends this round: one cheap check per
-            # poll while the write is in flight.
-            while handle._pending:
-                batch_id = handle._pending[0]
-                try:
-                    rc = engine.transfer_check_status(batch_id)
-                except Exception as e:  # must become FAILED, never propagate into the caller's loop
-                    handle._pending.pop(0)
-                    handle._errors.append(f"transfer_check_status raised {e!r}")
-                    continue
-                if rc == 0:
-                    return Status.PENDING, ""
-                handle._pending.pop(0)
-                if rc != 1:
-                    meaning = _CHECK_STATUS_MEANING.get(rc, "unexpected status")
-                    handle._errors.append(f"transfer_check_status returned {rc} ({meaning})")
-            if handle._errors:
-                more = f" (+{len(handle._errors) - 1} more)" if len(handle._errors) > 1 else ""
-                handle._result = (
-                    Status.FAILED,
-                    f"mooncake write to {handle.peer} ({handle.session_id}) failed: {handle._errors[0]}{more}",
-                )
-            else:
-                handle._result = (Status.DONE, "")
+        if handle._result is not None:
             return handle._result
+        assert handle._job is not None
+        if self._engine is None:
+            handle._result = (Status.FAILED, f"mooncake write to {handle.peer}: backend closed while in flight")
+            return handle._result
+        if not handle._job.done():
+            return Status.PENDING, ""
+        try:
+            error = handle._job.result()
+        except CancelledError:
+            error = "cancelled before submission (backend closed or handle released)"
+        except Exception as e:  # defensive: _submit_requests catches engine errors itself
+            error = f"submission raised {e!r}"
+        if error:
+            handle._result = (Status.FAILED, f"mooncake write to {handle.peer} ({handle.session_id}) failed: {error}")
+        else:
+            handle._result = (Status.DONE, "")
+        return handle._result
 
     def release(self, handle: MooncakeWrite) -> None:
-        # Settled batches were freed by transfer_check_status. A queued submission can still be called off;
-        # requests already in the engine cannot be cancelled and are abandoned (their small batch
-        # descriptors leak).
-        with handle._lock:
-            if handle._result is None and handle._submitted is not None:
-                handle._submitted.cancel()
+        # A queued write can still be called off; one the engine started cannot be cancelled.
+        if handle._result is None and handle._job is not None:
+            handle._job.cancel()
 
     # -- shutdown -------------------------------------------------------------------------------------
 
