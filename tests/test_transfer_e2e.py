@@ -156,6 +156,21 @@ def test_duplicate_room_is_rejected(clean_pair):
     release_both(prefill, decode, room)
 
 
+def test_decode_refuses_a_prefill_with_another_layout(clean_pair):
+    prefill, _ = clean_pair
+    other = PeerProc(role="decode", backend=prefill_backend(prefill), timeouts=TIMEOUTS, num_layers=LAYERS, page_size=8)
+    try:
+        room = next(_rooms)
+        other.call("alloc", room=room, n=1)
+        other.call("create", room=room, bootstrap_addr=prefill.info["bootstrap_addr"], prompt_len=1)
+        out = other.wait_state(room, {"FAILED"}, 5)
+        assert "incompatible KV layout (page_size: prefill 4 vs decode 8)" in out["error"]
+        other.release(room)
+        other.assert_clean()
+    finally:
+        other.close()
+
+
 def prefill_backend(proc: PeerProc) -> str:
     return proc.proc.args[2].split('"backend": "')[1].split('"')[0]
 
