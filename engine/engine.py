@@ -19,7 +19,7 @@ from engine.kvcache import KVPool
 from engine.kvcache.pool import KVLayout
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
-from engine.request import FinishReason, Request
+from engine.request import FinishReason, Request, RequestStatus
 from engine.sampling import Sampler, SamplingParams, make_generator
 from engine.scheduler import Scheduler
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -93,6 +93,13 @@ class Engine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None) -> Request:
         """Validate and queue a request; raises ValueError with a client-facing message when it cannot run."""
+        req = self.make_request(prompt_ids, params, rid)
+        self.scheduler.add(req)
+        self.track(req)
+        return req
+
+    def make_request(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None) -> Request:
+        """A validated request, not yet queued (the decode server admits it itself once its KV arrived)."""
         params.validate()
         if not prompt_ids:
             raise ValueError("prompt is empty")
@@ -105,21 +112,39 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
                 f"exceeds the context length {self.context_length}"
             )
+        if self.scheduler.pages_needed_for(total) > self.pool.num_pages:
+            raise ValueError(
+                f"request needs {total} tokens of KV but the pool holds {self.pool.num_pages * self.pool.page_size}"
+            )
         req = Request(prompt_ids=list(prompt_ids), params=params)
         if rid is not None:
             if rid in self._requests:
                 raise ValueError(f"request id {rid!r} is already in use")
             req.rid = rid
         req.generator = make_generator(params.seed, self.device)
-        self.scheduler.add(req)
-        self._requests[req.rid] = req
-        self._detok[req.rid] = IncrementalDetokenizer(self.tokenizer)
         return req
 
-    def abort(self, rid: str) -> None:
+    def track(self, req: Request) -> None:
+        """Start detokenizing and stop-checking `req` (done by add_request; the decode server calls it)."""
+        self._requests[req.rid] = req
+        self._detok[req.rid] = IncrementalDetokenizer(self.tokenizer)
+
+    def admit_prefilled(self, req: Request, first_token: int, logprob: float) -> None:
+        """Join a request whose prompt KV is already in `req.pages` (sent by a prefill server) to the running
+        batch, starting from the first token the prefill sampled."""
+        self.track(req)
+        req.num_cached = len(req.prompt_ids)
+        req.status = RequestStatus.RUNNING
+        self.scheduler.running.append(req)
+        self.append_token(req, first_token, logprob)
+
+    def abort(self, rid: str) -> bool:
+        """End a live request and free its pages; False if no such request is live."""
         req = self._requests.get(rid)
-        if req is not None:
-            self._finish(req, FinishReason.ABORT)
+        if req is None:
+            return False
+        self._finish(req, FinishReason.ABORT)
+        return True
 
     @property
     def has_work(self) -> bool:

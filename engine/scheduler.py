@@ -30,8 +30,11 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
+    def pages_needed_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
     def pages_needed(self, req: Request) -> int:
-        return -(-req.max_seq_len // self.page_size)
+        return self.pages_needed_for(req.max_seq_len)
 
     def add(self, req: Request) -> None:
         if self.pages_needed(req) > self.allocator.num_pages:

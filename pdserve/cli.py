@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from engine.config import EngineConfig
+from transfer.config import BACKENDS, Timeouts, TransferConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +67,52 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help='print {"text": ..., "token_ids": [...]} (generated tokens only) per prompt'
     )
     gen.set_defaults(func=cmd_generate)
+
+    for role, port in (("prefill", 30001), ("decode", 30002)):
+        srv = sub.add_parser(role, help=f"run a {role} server (HTTP API + scheduler + KV transfer)")
+        add_engine_args(srv)
+        add_server_args(srv, role, port)
+        srv.set_defaults(func=cmd_server, role=role)
+
+    rt = sub.add_parser("router", help="run the OpenAI-compatible router in front of prefill and decode servers")
+    from router.config import add_router_args
+
+    add_router_args(rt)
+    rt.set_defaults(func=cmd_router)
+
+    la = sub.add_parser("launch", help="router + prefill + decode on this machine, until Ctrl-C")
+    add_engine_args(la)
+    la.add_argument("--transfer-backend", default="mooncake", choices=list(BACKENDS))
+    la.add_argument("--host", default="127.0.0.1", help="address the router listens on")
+    la.add_argument("--port", type=int, default=30000, help="router port (servers get free ports)")
+    la.add_argument("--startup-timeout", type=float, default=300.0)
+    la.set_defaults(func=cmd_launch)
     return parser
+
+
+def add_server_args(p: argparse.ArgumentParser, role: str, port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    p.add_argument("--port", type=int, default=port, help="HTTP port")
+    p.add_argument("--served-model-name", default="", help="model name in the API (default: --model)")
+    p.add_argument("--transfer-backend", default=env("TRANSFER_BACKEND", "mooncake"), choices=list(BACKENDS))
+    p.add_argument("--advertise-host", default=env("ADVERTISE_HOST", "127.0.0.1"),
+                   help="address peers reach this server's KV transfer and control sockets on (pod IP)")
+    p.add_argument("--mooncake-protocol", default=env("MOONCAKE_PROTOCOL", "tcp"), choices=["tcp", "rdma"])
+    p.add_argument("--ib-device", default=env("IB_DEVICE", ""), help="RDMA NICs for Mooncake, e.g. mlx5_0,mlx5_1")
+    p.add_argument("--bootstrap-port", type=int, default=int(env("BOOTSTRAP_PORT", "8998")),
+                   help="prefill: bootstrap server port; decode: default for requests that give none")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a silent request fails")
+    t = Timeouts()
+    p.add_argument("--bootstrap-timeout", type=float, default=float(env("BOOTSTRAP_TIMEOUT", str(t.bootstrap))))
+    p.add_argument("--waiting-timeout", type=float, default=float(env("WAITING_TIMEOUT", str(t.waiting_for_input))))
+    p.add_argument("--transfer-timeout", type=float, default=float(env("TRANSFER_TIMEOUT", str(t.transferring))))
+    p.add_argument("--heartbeat-interval", type=float,
+                   default=float(env("HEARTBEAT_INTERVAL", str(t.heartbeat_interval))))
+
+
+def env(name: str, default: str) -> str:
+    """Every server flag has a PDSERVE_<NAME> environment twin (Kubernetes manifests set those)."""
+    return os.environ.get(f"PDSERVE_{name}", default)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -98,6 +145,70 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else:
             print(out.text)
     return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from serving.launch import ServerSettings, run_server
+
+    timeouts = Timeouts(
+        bootstrap=args.bootstrap_timeout,
+        waiting_for_input=args.waiting_timeout,
+        transferring=args.transfer_timeout,
+        heartbeat_interval=args.heartbeat_interval,
+    )
+    transfer = TransferConfig(
+        backend=args.transfer_backend,
+        host=args.advertise_host,
+        mooncake_protocol=args.mooncake_protocol,
+        device_names=args.ib_device,
+        timeouts=timeouts,
+    )
+    try:
+        transfer.validate()
+        cfg = engine_config(args)
+        cfg.validate()
+    except ValueError as e:
+        print(f"pdserve {args.role}: error: {e}", file=sys.stderr)
+        return 2
+    run_server(
+        ServerSettings(
+            role=args.role, engine=cfg, transfer=transfer, host=args.host, port=args.port,
+            served_model_name=args.served_model_name, bootstrap_port=args.bootstrap_port,
+            request_timeout_s=args.request_timeout, log_level=args.log_level,
+        )
+    )  # fmt: skip
+    return 0
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from router.app import run_router
+    from router.config import router_config
+
+    try:
+        cfg = router_config(args)
+    except ValueError as e:
+        print(f"pdserve router: error: {e}", file=sys.stderr)
+        return 2
+    run_router(cfg)
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from pdserve.local import launch_local
+
+    return launch_local(args, engine_argv(args))
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine flags of `args` again, to pass on to child processes."""
+    out = ["--model", args.model, "--device", args.device, "--attention-backend", args.attention_backend,
+           "--page-size", str(args.page_size), "--max-batch-size", str(args.max_batch_size),
+           "--max-prefill-tokens", str(args.max_prefill_tokens)]  # fmt: skip
+    for flag, value in (("--dtype", args.dtype), ("--kv-cache-gb", args.kv_cache_gb),
+                        ("--context-length", args.context_length)):  # fmt: skip
+        if value is not None:
+            out += [flag, str(value)]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,221 @@
+"""Prefill scheduler: bootstrap queue → prefill batches → KV sends → answer once the transfer ended.
+
+A request waits in `bootstrapping` until decode's transfer info arrived (its `KVSender` is ready), then in
+`waiting` for a batch (token budget, batch size, free pages). A batch runs through the engine's
+layer-range forward: today as one group after which the KV and the aux row go out together (the
+"whole" path); the layer-pipelined path slots in at `_forward` by running several groups, each sent
+after its event. Requests then sit in `inflight` until their transfer succeeded or failed; pages go back
+only when no write can still read them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.device import record_event
+from engine.engine import Engine
+from engine.request import Request
+from engine.sampling import SamplingParams
+from serving.ipc import GenerateRequest, RequestOutput, SchedulerStats
+from serving.scheduler_loop import SchedulerLoop
+from transfer.aux import AuxRow
+from transfer.bootstrap import BootstrapServer
+from transfer.config import TransferConfig
+from transfer.manager import DuplicateRoomError
+from transfer.prefill import KVSender, PrefillTransferManager
+from transfer.protocol import TransferState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Job:
+    req: Request
+    msg: GenerateRequest
+    sender: KVSender | None  # None: a local request (health_generate), nothing to send
+    since: float = field(default_factory=time.monotonic)
+    token: int = -1
+    logprob: float = 0.0
+
+
+class PrefillScheduler(SchedulerLoop):
+    role = "prefill"
+
+    def __init__(
+        self,
+        engine: Engine,
+        transfer_cfg: TransferConfig,
+        ipc_in: str,
+        ipc_out: str,
+        bootstrap_port: int,
+        bootstrap_host: str = "0.0.0.0",
+    ) -> None:
+        super().__init__(engine, ipc_in, ipc_out)
+        self.bootstrap = BootstrapServer(bootstrap_host, bootstrap_port).start()
+        addr = f"127.0.0.1:{self.bootstrap.port}"
+        self.transfer = PrefillTransferManager(transfer_cfg, engine.pool, bootstrap_addr=addr)
+        self.bootstrapping: dict[str, _Job] = {}
+        self.waiting: deque[_Job] = deque()
+        self.inflight: dict[str, _Job] = {}
+        self.zombies: list[_Job] = []  # failed or aborted: pages held until no write can read them
+
+    def info(self) -> dict:
+        return {**super().info(), "bootstrap_port": self.bootstrap.port, "transfer_backend": self.transfer.cfg.backend}
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def on_generate(self, msg: GenerateRequest) -> None:
+        # The prefill produces exactly one token: the decode side generates the rest.
+        sampling = dict(msg.sampling, max_new_tokens=1)
+        try:
+            req = self.engine.make_request(msg.input_ids, SamplingParams(**sampling), msg.rid)
+        except ValueError as e:
+            self.fail(msg.rid, str(e), 400, len(msg.input_ids))
+            return
+        if msg.bootstrap_room is None:
+            self.waiting.append(_Job(req, msg, None))
+            return
+        try:
+            sender = self.transfer.create_sender(msg.bootstrap_room)
+        except DuplicateRoomError as e:
+            self.fail(msg.rid, str(e), 400, len(msg.input_ids))
+            return
+        self.bootstrapping[req.rid] = _Job(req, msg, sender)
+
+    def on_abort(self, rid: str) -> None:
+        job = self.bootstrapping.pop(rid, None) or self.inflight.pop(rid, None)
+        if job is None:
+            job = next((j for j in self.waiting if j.req.rid == rid), None)
+            if job is None:
+                return
+            self.waiting.remove(job)
+        if job.sender is not None:
+            job.sender.abort("aborted by client")
+        self.zombies.append(job)
+        self.fail(rid, "aborted", 499, len(job.req.prompt_ids))
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        worked = self._poll_bootstrap()
+        batch = self._next_batch()
+        if batch:
+            self._forward(batch)
+            worked = True
+        worked |= self._poll_inflight()
+        self._reap_zombies()
+        return worked
+
+    def _poll_bootstrap(self) -> bool:
+        worked = False
+        for rid, job in list(self.bootstrapping.items()):
+            assert job.sender is not None
+            state = job.sender.poll()
+            if job.sender.ready and state != TransferState.FAILED:
+                del self.bootstrapping[rid]
+                self.waiting.append(job)
+                worked = True
+            elif state == TransferState.FAILED:
+                del self.bootstrapping[rid]
+                self.zombies.append(job)
+                self.fail(rid, f"bootstrap failed: {job.sender.error}", 500, len(job.req.prompt_ids))
+                worked = True
+        return worked
+
+    def _next_batch(self) -> list[_Job]:
+        cfg = self.engine.cfg
+        batch: list[_Job] = []
+        tokens = 0
+        alloc = self.engine.pool.allocator
+        while self.waiting and len(batch) < cfg.max_batch_size:
+            job = self.waiting[0]
+            n = len(job.req.prompt_ids)
+            if batch and tokens + n > cfg.max_prefill_tokens:
+                break
+            pages = alloc.allocate(self.engine.pool.pages_for(n))
+            if pages is None:
+                break
+            self.waiting.popleft()
+            job.req.pages = pages
+            batch.append(job)
+            tokens += n
+        return batch
+
+    def _forward(self, batch: list[_Job]) -> None:
+        runner = self.engine.runner
+        reqs = [j.req for j in batch]
+        fb = runner.build_batch([r.prompt_ids for r in reqs], [0] * len(reqs), [r.pages for r in reqs])
+        fwd = runner.start_forward(fb)
+        fwd.run_layers(0, runner.num_layers)
+        logits = fwd.logits()
+        sample = self.engine.sampler(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        event = record_event(self.engine.device)
+        for job, token, logprob in zip(batch, sample.token_ids.tolist(), sample.logprobs.tolist(), strict=True):
+            job.token, job.logprob = token, logprob
+            if job.sender is None:
+                self._answer(job)
+                self.engine.pool.allocator.free(job.req.pages)
+                continue
+            if job.sender.poll() == TransferState.FAILED:  # aborted or timed out while computing
+                self.zombies.append(job)
+                self.fail(job.req.rid, f"KV transfer failed: {job.sender.error}", 500, len(job.req.prompt_ids))
+                continue
+            aux = AuxRow(job.msg.bootstrap_room or 0, len(job.req.prompt_ids), token, logprob)
+            job.sender.send(0, runner.num_layers, job.req.pages, event, aux)
+            self.inflight[job.req.rid] = job
+
+    def _poll_inflight(self) -> bool:
+        worked = False
+        for rid, job in list(self.inflight.items()):
+            assert job.sender is not None
+            state = job.sender.poll()
+            if state == TransferState.SUCCESS:
+                del self.inflight[rid]
+                self._answer(job)
+                job.sender.release()
+                self.engine.pool.allocator.free(job.req.pages)
+                worked = True
+            elif state == TransferState.FAILED:
+                del self.inflight[rid]
+                self.zombies.append(job)
+                self.fail(rid, f"KV transfer failed: {job.sender.error}", 500, len(job.req.prompt_ids))
+                worked = True
+        return worked
+
+    def _answer(self, job: _Job) -> None:
+        text = self.engine.tokenizer.decode([job.token])
+        self.send(
+            RequestOutput(
+                job.req.rid,
+                token_ids=[job.token],
+                text=text,
+                logprobs=[job.logprob] if job.msg.return_logprob else [],
+                finished=True,
+                finish_reason="length",
+                prompt_tokens=len(job.req.prompt_ids),
+                completion_tokens=1,
+            )
+        )
+
+    def _reap_zombies(self) -> None:
+        for job in list(self.zombies):
+            if job.sender is None or job.sender.safe_to_free():
+                if job.sender is not None:
+                    job.sender.release()
+                if job.req.pages:
+                    self.engine.pool.allocator.free(job.req.pages)
+                    job.req.pages = []
+                self.zombies.remove(job)
+
+    def stats(self) -> SchedulerStats:
+        pool = self.engine.pool
+        return SchedulerStats(
+            running=len(self.inflight),
+            queued=len(self.bootstrapping) + len(self.waiting),
+            kv_pages_used=pool.num_pages - pool.allocator.num_free,
+            kv_pages_total=pool.num_pages,
+            in_flight_transfers=len(self.inflight),
+        )

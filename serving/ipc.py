@@ -1,0 +1,98 @@
+"""Messages between a server's HTTP front process and its scheduler process (ZMQ over ipc:// sockets).
+
+The front never runs model work: it validates and tokenizes, sends `GenerateRequest`, and turns the
+`RequestOutput`s that come back into HTTP responses. The scheduler pushes `SchedulerStats` periodically
+(for /get_load, /server_info and gauges) and one `Ready` once the model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+
+@dataclass
+class IpcMessage:
+    TYPE: ClassVar[str] = ""
+
+
+@dataclass
+class GenerateRequest(IpcMessage):
+    """One prompt. `sampling` holds engine.sampling.SamplingParams fields (already validated by the front)."""
+
+    TYPE: ClassVar[str] = "generate"
+    rid: str
+    input_ids: list[int]
+    sampling: dict[str, Any]
+    bootstrap_host: str | None = None  # None with bootstrap_room None: run locally (health_generate)
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
+    return_logprob: bool = False
+    stream: bool = False
+    arrival_time: float = 0.0  # time.time() when the front received the HTTP request
+
+
+@dataclass
+class AbortRequest(IpcMessage):
+    TYPE: ClassVar[str] = "abort"
+    rid: str
+
+
+@dataclass
+class RequestOutput(IpcMessage):
+    """Scheduler → front. Zero or more per request (streaming deltas); the last has finished=True.
+
+    A failed request ends with finished=True, finish_reason="abort" and `error` set; `status` is the HTTP
+    status the front should answer with when nothing was sent yet (400 client error, 503 overloaded or a
+    transfer/peer failure, 500 internal).
+    """
+
+    TYPE: ClassVar[str] = "output"
+    rid: str
+    token_ids: list[int] = field(default_factory=list)  # new since the previous output
+    text: str = ""  # new text since the previous output (stop strings already cut)
+    logprobs: list[float] = field(default_factory=list)  # one per new token when asked
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    error: str | None = None
+    status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # total so far
+    cached_tokens: int = 0
+
+
+@dataclass
+class SchedulerStats(IpcMessage):
+    TYPE: ClassVar[str] = "stats"
+    running: int
+    queued: int  # waiting for bootstrap / pages / a batch
+    kv_pages_used: int
+    kv_pages_total: int
+    in_flight_transfers: int = 0
+
+
+@dataclass
+class Ready(IpcMessage):
+    """Sent once the scheduler loaded the model; `info` feeds /server_info and /model_info."""
+
+    TYPE: ClassVar[str] = "ready"
+    info: dict[str, Any]
+
+
+_TYPES: dict[str, type[IpcMessage]] = {
+    c.TYPE: c for c in (GenerateRequest, AbortRequest, RequestOutput, SchedulerStats, Ready)
+}
+
+
+def pack(msg: IpcMessage) -> bytes:
+    body = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    return msgpack.packb({"type": msg.TYPE, **body}, use_bin_type=True)
+
+
+def unpack(data: bytes) -> IpcMessage:
+    raw = msgpack.unpackb(data, raw=False)
+    cls = _TYPES[raw.pop("type")]
+    return cls(**raw)

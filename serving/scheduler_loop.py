@@ -1,0 +1,137 @@
+"""The scheduler process's skeleton, shared by the prefill and decode servers.
+
+It owns the model and the transfer manager, reads `GenerateRequest`/`AbortRequest` from the front, runs
+`step()` whenever there is work, and pushes `RequestOutput`s and periodic `SchedulerStats` back. The two
+servers differ only in `on_generate`, `on_abort` and `step`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import zmq
+
+from engine.engine import Engine
+from engine.request import Request
+from serving.ipc import AbortRequest, GenerateRequest, IpcMessage, Ready, RequestOutput, SchedulerStats, pack, unpack
+
+log = logging.getLogger(__name__)
+
+_STATS_EVERY_S = 0.5
+_IDLE_WAIT_MS = 2
+
+
+class SchedulerLoop:
+    role = ""
+
+    def __init__(self, engine: Engine, ipc_to_scheduler: str, ipc_from_scheduler: str) -> None:
+        self.engine = engine
+        self._ctx = zmq.Context()
+        self._in = self._ctx.socket(zmq.PULL)
+        self._in.connect(ipc_to_scheduler)
+        self._out = self._ctx.socket(zmq.PUSH)
+        self._out.connect(ipc_from_scheduler)
+        self._sent: dict[str, tuple[int, int]] = {}  # rid -> (tokens, text chars) already sent to the front
+        self._last_stats = 0.0
+
+    # -- to implement ---------------------------------------------------------------------------------
+
+    def on_generate(self, req: GenerateRequest) -> None:
+        raise NotImplementedError
+
+    def on_abort(self, rid: str) -> None:
+        raise NotImplementedError
+
+    def step(self) -> bool:
+        """Advance whatever can advance; False when there was nothing to do."""
+        raise NotImplementedError
+
+    def stats(self) -> SchedulerStats:
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.engine.model_config
+        return {
+            "role": self.role,
+            "architecture": cfg.architecture,
+            "num_layers": cfg.num_layers,
+            "vocab_size": cfg.vocab_size,
+            "context_length": self.engine.context_length,
+            "dtype": str(cfg.dtype).removeprefix("torch."),
+            "device": str(self.engine.device),
+            "page_size": self.engine.pool.page_size,
+            "kv_pages": self.engine.pool.num_pages,
+        }
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.send(Ready(self.info()))
+        poller = zmq.Poller()
+        poller.register(self._in, zmq.POLLIN)
+        while True:
+            while self._in.poll(0):
+                self._dispatch(unpack(self._in.recv()))
+            worked = False
+            try:
+                worked = self.step()
+            except Exception:  # keep serving: fail loudly in the log, the requests involved time out or fail
+                log.exception("%s scheduler: step failed", self.role)
+            now = time.monotonic()
+            if now - self._last_stats >= _STATS_EVERY_S:
+                self._last_stats = now
+                self.send(self.stats())
+            if not worked:
+                poller.poll(_IDLE_WAIT_MS)
+
+    def _dispatch(self, msg: IpcMessage) -> None:
+        try:
+            if isinstance(msg, GenerateRequest):
+                self.on_generate(msg)
+            elif isinstance(msg, AbortRequest):
+                self.on_abort(msg.rid)
+        except Exception as e:
+            log.exception("%s scheduler: cannot handle %s", self.role, type(msg).__name__)
+            if isinstance(msg, GenerateRequest):
+                self.fail(msg.rid, f"internal error: {e}", 500)
+
+    # -- outputs --------------------------------------------------------------------------------------
+
+    def send(self, msg: IpcMessage) -> None:
+        self._out.send(pack(msg))
+
+    def fail(self, rid: str, error: str, status: int, prompt_tokens: int = 0) -> None:
+        self._sent.pop(rid, None)
+        self.send(
+            RequestOutput(
+                rid, finished=True, finish_reason="abort", error=error, status=status, prompt_tokens=prompt_tokens
+            )
+        )
+
+    def emit(self, req: Request, return_logprob: bool) -> None:
+        """Send what `req` produced since the last emit. While it runs, text that could still turn out to be
+        the start of a stop string is held back (a later token may complete the match and cut it)."""
+        sent_tokens, sent_chars = self._sent.get(req.rid, (0, 0))
+        text = req.output_text
+        if not req.finished and req.params.stop:
+            text = text[: max(sent_chars, len(text) - (max(map(len, req.params.stop)) - 1))]
+        new_tokens = req.output_ids[sent_tokens:]
+        if not new_tokens and len(text) == sent_chars and not req.finished:
+            return
+        out = RequestOutput(
+            req.rid,
+            token_ids=new_tokens,
+            text=text[sent_chars:],
+            logprobs=req.output_logprobs[sent_tokens:] if return_logprob else [],
+            finished=req.finished,
+            finish_reason=req.finish_reason.value if req.finish_reason else None,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.output_ids),
+        )
+        if req.finished:
+            self._sent.pop(req.rid, None)
+        else:
+            self._sent[req.rid] = (len(req.output_ids), len(text))
+        self.send(out)

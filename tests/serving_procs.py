@@ -1,0 +1,140 @@
+"""Real server processes for end-to-end tests: `pdserve prefill`, `pdserve decode`, `pdserve router`
+(and optionally sglang-router), each a separate process on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+MODEL = "builtin:tiny-llama"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        self._fh = open(self.log, "w")  # noqa: SIM115 (kept open for the process's life)
+        env = dict(os.environ, GLOG_minloglevel="2", NIXL_LOG_LEVEL="WARN")
+        self.proc = subprocess.Popen(args, stdout=self._fh, stderr=subprocess.STDOUT, env=env)
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+
+
+class Stack:
+    """prefill + decode (+ router) for one transfer backend."""
+
+    def __init__(self, backend: str, extra: list[str] | None = None) -> None:
+        self.backend = backend
+        self.log_dir = Path(tempfile.mkdtemp(prefix=f"pdserve-e2e-{backend}-"))
+        self.prefill_port, self.decode_port, self.bootstrap_port = free_port(), free_port(), free_port()
+        self.router_port = free_port()
+        pd = [sys.executable, "-m", "pdserve", "--log-level", "warning"]
+        common = ["--model", MODEL, "--transfer-backend", backend, "--kv-cache-gb", "0.05", *(extra or [])]
+        self.procs = [
+            Proc("prefill", [*pd, "prefill", *common, "--port", str(self.prefill_port),
+                             "--bootstrap-port", str(self.bootstrap_port)], self.log_dir),
+            Proc("decode", [*pd, "decode", *common, "--port", str(self.decode_port)], self.log_dir),
+            Proc("router", [*pd, "router", "--port", str(self.router_port),
+                            "--prefill", self.prefill_url, str(self.bootstrap_port),
+                            "--decode", self.decode_url], self.log_dir),
+        ]  # fmt: skip
+        try:
+            self.wait_ready(f"{self.router_url}/readiness", 240)
+        except Exception:
+            self.stop()
+            raise
+
+    @property
+    def prefill_url(self) -> str:
+        return f"http://127.0.0.1:{self.prefill_port}"
+
+    @property
+    def decode_url(self) -> str:
+        return f"http://127.0.0.1:{self.decode_port}"
+
+    @property
+    def router_url(self) -> str:
+        return f"http://127.0.0.1:{self.router_port}"
+
+    def wait_ready(self, url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for p in self.procs:
+                if p.proc.poll() is not None:
+                    raise RuntimeError(f"{p.name} exited with {p.proc.returncode}:\n{p.tail()}")
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(
+            f"{url} not ready in {timeout}s:\n" + "\n".join(f"--- {p.name}\n{p.tail()}" for p in self.procs)
+        )
+
+    def start_sglang_router(self) -> str:
+        port = free_port()
+        args = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+                "--prefill", self.prefill_url, str(self.bootstrap_port), "--decode", self.decode_url,
+                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+        proc = Proc("sglang-router", args, self.log_dir)
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.proc.poll() is not None:
+                raise RuntimeError(f"sglang-router exited:\n{proc.tail()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"sglang-router not healthy:\n{proc.tail()}")
+
+    def kv_pages_used(self) -> dict[str, int]:
+        out = {}
+        for name, url in (("prefill", self.prefill_url), ("decode", self.decode_url)):
+            info = httpx.get(f"{url}/server_info", timeout=5).json()
+            out[name] = find_key(info, "kv_pages_used")
+        return out
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+
+def find_key(obj: object, key: str) -> int:
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            try:
+                return find_key(v, key)
+            except KeyError:
+                pass
+    raise KeyError(key)
