@@ -35,6 +35,10 @@ class TransferConfig:
     tp_rank: int = 0
     tp_size: int = 1
     aux_rows: int = 1024  # in-flight rooms one side can hold
+    # Benchmarking aid, off by default: pretend the link carries this many GB/s (each write completes no
+    # sooner than a serial link of that bandwidth would deliver it). Loopback is far faster than CPU
+    # compute, so realistic transfer/compute ratios need it.
+    emulated_link_gbps: float | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
 
     def validate(self) -> None:
@@ -42,6 +46,8 @@ class TransferConfig:
             raise ValueError(f"unknown transfer backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank {self.tp_rank} outside tp_size {self.tp_size}")
+        if self.emulated_link_gbps is not None and self.emulated_link_gbps <= 0:
+            raise ValueError(f"emulated_link_gbps must be > 0, got {self.emulated_link_gbps}")
         if self.aux_rows < 1:
             raise ValueError(f"aux_rows must be >= 1, got {self.aux_rows}")
         self.timeouts.validate()

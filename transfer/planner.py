@@ -5,6 +5,8 @@ Region order, identical on both sides: K of layer 0..L-1, V of layer 0..L-1, the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from transfer.backends.base import Copy
 
 
@@ -42,3 +44,46 @@ def layer_copies(start: int, end: int, num_layers: int, runs: list[tuple[int, in
         for region in (k_region(layer), v_region(layer, num_layers)):
             copies.extend(Copy(region, s, d, n) for s, d, n in runs)
     return copies
+
+
+@dataclass
+class PipelineSettings:
+    """Layer-pipelined prefill (DESIGN §4): when a batch is split into layer groups, and into how many."""
+
+    enabled: bool = True
+    min_tokens: int = 1024  # average new tokens per request below which the whole forward runs
+    max_iters: int = 10  # groups at min_tokens
+    min_iters: int = 4  # groups at saturation (min_tokens * sat_multiplier and beyond)
+    sat_multiplier: float = 3.0
+    group_size: int | None = None  # fixed layers per group; overrides the adaptive rule
+
+    def validate(self) -> None:
+        if self.min_tokens < 1:
+            raise ValueError(f"pipeline min_tokens must be >= 1, got {self.min_tokens}")
+        if self.min_iters < 1:
+            raise ValueError(f"pipeline min_iters must be >= 1, got {self.min_iters}")
+        if self.min_iters > self.max_iters:
+            raise ValueError(f"pipeline min_iters ({self.min_iters}) must not exceed max_iters ({self.max_iters})")
+        if self.sat_multiplier <= 1:
+            raise ValueError(f"pipeline sat_multiplier must be > 1, got {self.sat_multiplier}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"pipeline group_size must be >= 1, got {self.group_size}")
+
+
+MIN_PIPELINE_LAYERS = 5  # models of 4 layers or fewer gain nothing from splitting
+
+
+def num_groups(avg_new_tokens: float, s: PipelineSettings) -> int:
+    """N from DESIGN §4: max_iters at min_tokens, falling linearly to min_iters at saturation."""
+    sat = s.min_tokens * s.sat_multiplier
+    t = min(max((avg_new_tokens - s.min_tokens) / (sat - s.min_tokens), 0.0), 1.0)
+    return round(s.max_iters - t * (s.max_iters - s.min_iters))
+
+
+def plan_layer_groups(num_layers: int, avg_new_tokens: float, s: PipelineSettings) -> list[tuple[int, int]]:
+    """Consecutive [start, end) layer ranges covering every layer once; one range means the whole forward."""
+    eligible = s.enabled and num_layers >= MIN_PIPELINE_LAYERS and avg_new_tokens >= s.min_tokens
+    if not eligible:
+        return [(0, num_layers)]
+    size = s.group_size or max(1, num_layers // num_groups(avg_new_tokens, s))
+    return [(a, min(a + size, num_layers)) for a in range(0, num_layers, size)]

@@ -135,7 +135,8 @@ class PrefillTransferManager(TransferManager):
         self._peers: dict[str, _Peer] = {}
         self._queue: queue.Queue[_Chunk] = queue.Queue()
         self._ready: deque[_Chunk] = deque()
-        self._inflight: list[tuple[_Room, object, int]] = []
+        self._inflight: list[tuple[_Room, object, int, float]] = []  # room, handle, bytes, done no sooner than
+        self._link_free_at = 0.0  # emulated link (TransferConfig.emulated_link_gbps)
         self._spawn(self._worker_loop, "worker")
         self.bytes_total = 0
         if bootstrap_addr:
@@ -354,7 +355,7 @@ class PrefillTransferManager(TransferManager):
                     return
                 nbytes = sum(c.count * self.regions[c.region].item_bytes for c in copies)
                 r.inflight += 1
-                self._inflight.append((r, handle, nbytes))
+                self._inflight.append((r, handle, nbytes, self._emulated_arrival(nbytes)))
             if r.state.advance(TransferState.TRANSFERRING):
                 r.first_submit = time.monotonic()
                 for info in r.infos.values():
@@ -377,14 +378,22 @@ class PrefillTransferManager(TransferManager):
             copies.append(Copy(aux_region(self.num_layers), r.aux_row, info.aux_row, 1))
         return copies
 
+    def _emulated_arrival(self, nbytes: int) -> float:
+        """When a serial link of the emulated bandwidth would have delivered this write (0: no emulation)."""
+        gbps = self.cfg.emulated_link_gbps
+        if gbps is None:
+            return 0.0
+        self._link_free_at = max(time.monotonic(), self._link_free_at) + nbytes * 8 / (gbps * 1e9)
+        return self._link_free_at
+
     def _poll_inflight(self) -> bool:
         """Resolve finished handles; True when any did."""
-        still: list[tuple[_Room, object, int]] = []
+        still: list[tuple[_Room, object, int, float]] = []
         touched: list[_Room] = []
-        for r, handle, nbytes in self._inflight:
+        for r, handle, nbytes, not_before in self._inflight:
             status, error = self.backend.poll(handle)
-            if status == Status.PENDING:
-                still.append((r, handle, nbytes))
+            if status == Status.PENDING or (status == Status.DONE and time.monotonic() < not_before):
+                still.append((r, handle, nbytes, not_before))
                 continue
             self.backend.release(handle)
             with self._lock:

@@ -1,0 +1,138 @@
+"""Router configuration: which prefill and decode servers exist, how to pick among them, and the limits.
+
+Kept free of FastAPI/httpx imports so the project's CLI can build a config without paying for the HTTP stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+POLICIES = ("round_robin", "random", "least_load")
+
+
+class RouterConfigError(ValueError):
+    """A router setting is invalid; the message says which one and why."""
+
+
+@dataclass(frozen=True)
+class PrefillServer:
+    """One prefill server: its HTTP URL and the port of its KV bootstrap server (None: the server's default)."""
+
+    url: str
+    bootstrap_port: int | None = None
+
+    @property
+    def host(self) -> str:
+        """The host decode servers reach P's bootstrap server at: the URL's hostname (IPv6 brackets stripped)."""
+        return urlsplit(self.url).hostname or ""
+
+
+def normalize_url(url: str, what: str) -> str:
+    """Checks that `url` is an absolute http(s) URL with a host and no query, and drops any trailing slash so
+    that paths can be appended with a plain `+`."""
+    if not isinstance(url, str) or not url.strip():
+        raise RouterConfigError(f"{what}: URL must be a non-empty string, got {url!r}")
+    url = url.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise RouterConfigError(f"{what}: URL {url!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise RouterConfigError(f"{what}: URL {url!r} has no host")
+    try:
+        parts.port  # noqa: B018 - urlsplit only validates the port when it is read
+    except ValueError as e:
+        raise RouterConfigError(f"{what}: URL {url!r} has an invalid port ({e})") from None
+    if parts.query or parts.fragment:
+        raise RouterConfigError(f"{what}: URL {url!r} must not carry a query or fragment")
+    return url.rstrip("/")
+
+
+def _bootstrap_port(value: object, what: str) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    if isinstance(value, bool):
+        raise RouterConfigError(f"{what}: bootstrap port must be an integer or none, got {value!r}")
+    try:
+        port = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise RouterConfigError(f"{what}: bootstrap port must be an integer or none, got {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise RouterConfigError(f"{what}: bootstrap port {port} is outside 1..65535")
+    return port
+
+
+def _prefill_entry(entry: object, i: int) -> PrefillServer:
+    what = f"prefill[{i}]"
+    if isinstance(entry, PrefillServer):
+        return PrefillServer(normalize_url(entry.url, what), _bootstrap_port(entry.bootstrap_port, what))
+    if isinstance(entry, str):
+        return PrefillServer(normalize_url(entry, what), None)
+    if isinstance(entry, Sequence) and 1 <= len(entry) <= 2:
+        port = entry[1] if len(entry) == 2 else None
+        return PrefillServer(normalize_url(entry[0], what), _bootstrap_port(port, what))
+    raise RouterConfigError(f"{what}: expected (url, bootstrap_port | None) or a URL, got {entry!r}")
+
+
+@dataclass
+class RouterConfig:
+    """Everything the router needs. `prefill` entries may be given as (url, port | None) tuples, bare URLs or
+    PrefillServer; they are normalized to PrefillServer on construction."""
+
+    prefill: list[PrefillServer] = field(default_factory=list)
+    decode: list[str] = field(default_factory=list)
+    policy: str = "round_robin"
+    api_key: str | None = None
+    request_timeout_s: float = 600.0
+    max_retries: int = 3
+    # 0 disables the background health loop (every server is then considered healthy).
+    health_check_interval_s: float = 5.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Short on purpose: a refused or black-holed connection should move on to another pair quickly.
+    connect_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prefill, (str, PrefillServer)) or not isinstance(self.prefill, Sequence):
+            raise RouterConfigError("prefill must be a list of (url, bootstrap_port | None)")
+        if isinstance(self.decode, str) or not isinstance(self.decode, Sequence):
+            raise RouterConfigError("decode must be a list of URLs")
+        self.prefill = [_prefill_entry(e, i) for i, e in enumerate(self.prefill)]
+        self.decode = [normalize_url(u, f"decode[{i}]") for i, u in enumerate(self.decode)]
+        if not self.prefill:
+            raise RouterConfigError("at least one prefill server is required (--prefill URL [BOOTSTRAP_PORT])")
+        if not self.decode:
+            raise RouterConfigError("at least one decode server is required (--decode URL)")
+        for role, urls in (("prefill", [p.url for p in self.prefill]), ("decode", self.decode)):
+            dup = sorted({u for u in urls if urls.count(u) > 1})
+            if dup:
+                raise RouterConfigError(f"{role} server listed more than once: {', '.join(dup)}")
+        both = sorted({p.url for p in self.prefill} & set(self.decode))
+        if both:
+            raise RouterConfigError(f"a server cannot be both prefill and decode: {', '.join(both)}")
+        if self.policy not in POLICIES:
+            raise RouterConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
+            raise RouterConfigError("api_key must be a non-empty string (leave it unset to disable auth)")
+        _positive("request_timeout_s", self.request_timeout_s)
+        _positive("connect_timeout_s", self.connect_timeout_s)
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise RouterConfigError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
+        if not _is_number(self.health_check_interval_s) or self.health_check_interval_s < 0:
+            raise RouterConfigError(
+                f"health_check_interval_s must be >= 0 (0 disables health checks), got {self.health_check_interval_s!r}"
+            )
+        if not isinstance(self.host, str) or not self.host:
+            raise RouterConfigError(f"host must be a non-empty string, got {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise RouterConfigError(f"port must be an integer in 0..65535, got {self.port!r}")
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive(name: str, v: object) -> None:
+    if not _is_number(v) or not v > 0:  # type: ignore[operator]
+        raise RouterConfigError(f"{name} must be a number > 0, got {v!r}")
