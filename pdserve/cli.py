@@ -11,6 +11,7 @@ import sys
 
 from engine.config import EngineConfig
 from transfer.config import BACKENDS, Timeouts, TransferConfig
+from transfer.planner import PipelineSettings
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -108,6 +109,45 @@ def add_server_args(p: argparse.ArgumentParser, role: str, port: int) -> None:
     p.add_argument("--transfer-timeout", type=float, default=float(env("TRANSFER_TIMEOUT", str(t.transferring))))
     p.add_argument("--heartbeat-interval", type=float,
                    default=float(env("HEARTBEAT_INTERVAL", str(t.heartbeat_interval))))
+    p.add_argument("--emulated-link-gbps", type=float, default=_opt_float(env("EMULATED_LINK_GBPS", "")),
+                   help="benchmarking aid: pace KV writes to this bandwidth (off by default)")
+    if role == "prefill":
+        add_pipeline_args(p)
+
+
+def add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    d = PipelineSettings()
+    g = p.add_argument_group("layer-pipelined prefill (DESIGN §4)")
+    g.add_argument("--pipeline", action=argparse.BooleanOptionalAction,
+                   default=env("PIPELINE", "1").lower() not in ("0", "false", "no", "off"),
+                   help="send each layer group's KV while the next group computes (PDSERVE_PIPELINE)")
+    g.add_argument("--pipeline-min-tokens", type=int, default=int(env("PIPELINE_MIN_TOKENS", str(d.min_tokens))),
+                   help="average new tokens per request below which the whole forward runs")
+    g.add_argument("--pipeline-max-iters", type=int, default=int(env("PIPELINE_MAX_ITERS", str(d.max_iters))))
+    g.add_argument("--pipeline-min-iters", type=int, default=int(env("PIPELINE_MIN_ITERS", str(d.min_iters))))
+    g.add_argument("--pipeline-sat-multiplier", type=float,
+                   default=float(env("PIPELINE_SAT_MULTIPLIER", str(d.sat_multiplier))))
+    g.add_argument("--pipeline-group-size", type=int, default=_opt_int(env("PIPELINE_GROUP_SIZE", "")),
+                   help="fixed layers per group (overrides the adaptive rule)")
+
+
+def pipeline_settings(args: argparse.Namespace) -> PipelineSettings:
+    return PipelineSettings(
+        enabled=args.pipeline,
+        min_tokens=args.pipeline_min_tokens,
+        max_iters=args.pipeline_max_iters,
+        min_iters=args.pipeline_min_iters,
+        sat_multiplier=args.pipeline_sat_multiplier,
+        group_size=args.pipeline_group_size,
+    )
+
+
+def _opt_int(value: str) -> int | None:
+    return int(value) if value else None
+
+
+def _opt_float(value: str) -> float | None:
+    return float(value) if value else None
 
 
 def env(name: str, default: str) -> str:
@@ -162,9 +202,12 @@ def cmd_server(args: argparse.Namespace) -> int:
         mooncake_protocol=args.mooncake_protocol,
         device_names=args.ib_device,
         timeouts=timeouts,
+        emulated_link_gbps=args.emulated_link_gbps,
     )
+    pipeline = pipeline_settings(args) if args.role == "prefill" else PipelineSettings()
     try:
         transfer.validate()
+        pipeline.validate()
         cfg = engine_config(args)
         cfg.validate()
     except ValueError as e:
@@ -174,7 +217,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         ServerSettings(
             role=args.role, engine=cfg, transfer=transfer, host=args.host, port=args.port,
             served_model_name=args.served_model_name, bootstrap_port=args.bootstrap_port,
-            request_timeout_s=args.request_timeout, log_level=args.log_level,
+            request_timeout_s=args.request_timeout, log_level=args.log_level, pipeline=pipeline,
         )
     )  # fmt: skip
     return 0

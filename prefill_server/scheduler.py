@@ -15,16 +15,16 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.device import record_event
 from engine.engine import Engine
 from engine.request import Request
 from engine.sampling import SamplingParams
+from prefill_server.forward import prefill_and_send
 from serving.ipc import GenerateRequest, RequestOutput, SchedulerStats
 from serving.scheduler_loop import SchedulerLoop
-from transfer.aux import AuxRow
 from transfer.bootstrap import BootstrapServer
 from transfer.config import TransferConfig
 from transfer.manager import DuplicateRoomError
+from transfer.planner import PipelineSettings
 from transfer.prefill import KVSender, PrefillTransferManager
 from transfer.protocol import TransferState
 
@@ -52,8 +52,11 @@ class PrefillScheduler(SchedulerLoop):
         ipc_out: str,
         bootstrap_port: int,
         bootstrap_host: str = "0.0.0.0",
+        pipeline: PipelineSettings | None = None,
     ) -> None:
         super().__init__(engine, ipc_in, ipc_out)
+        self.pipeline = pipeline or PipelineSettings()
+        self.batches_total = {True: 0, False: 0}  # pipelined?
         self.bootstrap = BootstrapServer(bootstrap_host, bootstrap_port).start()
         addr = f"127.0.0.1:{self.bootstrap.port}"
         self.transfer = PrefillTransferManager(transfer_cfg, engine.pool, bootstrap_addr=addr)
@@ -145,27 +148,21 @@ class PrefillScheduler(SchedulerLoop):
         return batch
 
     def _forward(self, batch: list[_Job]) -> None:
-        runner = self.engine.runner
         reqs = [j.req for j in batch]
-        fb = runner.build_batch([r.prompt_ids for r in reqs], [0] * len(reqs), [r.pages for r in reqs])
-        fwd = runner.start_forward(fb)
-        fwd.run_layers(0, runner.num_layers)
-        logits = fwd.logits()
-        sample = self.engine.sampler(logits, [r.params for r in reqs], [r.generator for r in reqs])
-        event = record_event(self.engine.device)
+        senders = [j.sender for j in batch]
+        rooms = [j.msg.bootstrap_room or 0 for j in batch]
+        sample, groups = prefill_and_send(self.engine, reqs, senders, rooms, self.pipeline)
+        self.batches_total[len(groups) > 1] += 1
         for job, token, logprob in zip(batch, sample.token_ids.tolist(), sample.logprobs.tolist(), strict=True):
             job.token, job.logprob = token, logprob
             if job.sender is None:
                 self._answer(job)
                 self.engine.pool.allocator.free(job.req.pages)
-                continue
-            if job.sender.poll() == TransferState.FAILED:  # aborted or timed out while computing
+            elif job.sender.poll() == TransferState.FAILED:  # aborted or timed out while computing
                 self.zombies.append(job)
                 self.fail(job.req.rid, f"KV transfer failed: {job.sender.error}", 500, len(job.req.prompt_ids))
-                continue
-            aux = AuxRow(job.msg.bootstrap_room or 0, len(job.req.prompt_ids), token, logprob)
-            job.sender.send(0, runner.num_layers, job.req.pages, event, aux)
-            self.inflight[job.req.rid] = job
+            else:
+                self.inflight[job.req.rid] = job
 
     def _poll_inflight(self) -> bool:
         worked = False

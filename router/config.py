@@ -5,8 +5,11 @@ Kept free of FastAPI/httpx imports so the project's CLI can build a config witho
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 POLICIES = ("round_robin", "random", "least_load")
@@ -16,9 +19,9 @@ class RouterConfigError(ValueError):
     """A router setting is invalid; the message says which one and why."""
 
 
-@dataclass(frozen=True)
-class PrefillServer:
-    """One prefill server: its HTTP URL and the port of its KV bootstrap server (None: the server's default)."""
+class PrefillServer(NamedTuple):
+    """One prefill server: its HTTP URL and the port of its KV bootstrap server (None: the server's default).
+    A NamedTuple, so it is also the plain (url, bootstrap_port) pair callers may pass in."""
 
     url: str
     bootstrap_port: int | None = None
@@ -136,3 +139,77 @@ def _is_number(v: object) -> bool:
 def _positive(name: str, v: object) -> None:
     if not _is_number(v) or not v > 0:  # type: ignore[operator]
         raise RouterConfigError(f"{name} must be a number > 0, got {v!r}")
+
+
+# ---- command line (shared by `python -m router` and `pdserve router`) ----
+
+API_KEY_ENV = "PDSERVE_API_KEY"
+
+
+def add_router_args(parser: argparse.ArgumentParser) -> None:
+    d = RouterConfig.__dataclass_fields__
+    parser.add_argument(
+        "--prefill",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("URL", "BOOTSTRAP_PORT"),
+        help="a prefill server and, optionally, its bootstrap port ('none' or absent: the server's default); "
+        "repeat for several",
+    )
+    parser.add_argument("--decode", action="append", default=[], metavar="URL", help="a decode server; repeatable")
+    parser.add_argument("--policy", choices=POLICIES, default=d["policy"].default, help="how P and D are picked")
+    parser.add_argument("--host", default=d["host"].default)
+    parser.add_argument("--port", type=int, default=d["port"].default)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        help=f"require 'Authorization: Bearer KEY' on API routes (default: ${API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        "--request-timeout-secs",
+        dest="request_timeout",
+        type=float,
+        default=d["request_timeout_s"].default,
+        help="seconds a request may take end to end",
+    )
+    parser.add_argument(
+        "--max-retries",
+        "--retry-max-retries",
+        dest="max_retries",
+        type=int,
+        default=d["max_retries"].default,
+        help="new pairs to try after a connection failure",
+    )
+    parser.add_argument(
+        "--health-check-interval",
+        "--health-check-interval-secs",
+        dest="health_check_interval",
+        type=float,
+        default=d["health_check_interval_s"].default,
+        help="seconds between /health probes of every server (0: off)",
+    )
+    parser.add_argument(
+        "--pd-disaggregation", action="store_true", help="accepted for sglang-router compatibility (always on)"
+    )
+
+
+def router_config(args: argparse.Namespace) -> RouterConfig:
+    """Builds the config from parsed args; raises RouterConfigError with a readable message."""
+    prefill: list[tuple[str, str | None]] = []
+    for entry in args.prefill:
+        if len(entry) > 2:
+            raise RouterConfigError(f"--prefill takes URL [BOOTSTRAP_PORT], got {' '.join(entry)}")
+        prefill.append((entry[0], entry[1] if len(entry) == 2 else None))
+    return RouterConfig(
+        prefill=prefill,  # type: ignore[arg-type]  # normalized by RouterConfig
+        decode=list(args.decode),
+        policy=args.policy,
+        api_key=args.api_key,
+        request_timeout_s=args.request_timeout,
+        max_retries=args.max_retries,
+        health_check_interval_s=args.health_check_interval,
+        host=args.host,
+        port=args.port,
+    )

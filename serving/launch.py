@@ -20,6 +20,7 @@ from typing import Any
 
 from engine.config import EngineConfig, ModelConfig
 from transfer.config import TransferConfig
+from transfer.planner import PipelineSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class ServerSettings:
     bootstrap_port: int = 8998  # prefill: where its bootstrap server listens; decode: default for requests
     request_timeout_s: float = 600.0
     log_level: str = "warning"
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -46,7 +48,9 @@ def _scheduler_main(settings: ServerSettings, ipc_in: str, ipc_out: str) -> None
     if settings.role == "prefill":
         from prefill_server.scheduler import PrefillScheduler
 
-        loop = PrefillScheduler(engine, settings.transfer, ipc_in, ipc_out, settings.bootstrap_port)
+        loop = PrefillScheduler(
+            engine, settings.transfer, ipc_in, ipc_out, settings.bootstrap_port, pipeline=settings.pipeline
+        )
     else:
         from decode_server.scheduler import DecodeScheduler
 
@@ -112,5 +116,5 @@ def _server_args(s: ServerSettings) -> dict[str, Any]:
         "role": s.role, "model": e.model, "host": s.host, "port": s.port, "bootstrap_port": s.bootstrap_port,
         "transfer_backend": t.backend, "advertise_host": t.host, "page_size": e.page_size,
         "max_batch_size": e.max_batch_size, "max_prefill_tokens": e.max_prefill_tokens, "device": e.device,
-        "started": time.time(), **s.extra,
+        "pipeline": vars(s.pipeline), "emulated_link_gbps": t.emulated_link_gbps, "started": time.time(), **s.extra,
     }  # fmt: skip
