@@ -1,16 +1,19 @@
-# The two commands README promises: `make run` (local stack on a tiny built-in model) and `make test`.
+# The two commands README promises: `make run` (router + prefill + decode on a tiny built-in model) and
+# `make test` (ruff + pytest). Both set up everything first (scripts/setup.sh, idempotent).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= builtin:tiny-llama
-PROMPT ?= Hello
 
 .PHONY: setup run test lint bench
 
 setup:
 	@bash scripts/setup.sh
 
+BACKEND ?= mooncake
+PORT ?= 30000
+
 run: setup
-	$(VENV)/bin/pdserve generate --model $(MODEL) --prompt "$(PROMPT)"
+	$(VENV)/bin/pdserve launch --model $(MODEL) --transfer-backend $(BACKEND) --port $(PORT)
 
 test: setup
 	$(PY) -m ruff check .
@@ -22,3 +25,6 @@ lint: setup
 
 bench: setup
 	$(PY) bench/engine.py
+	$(PY) bench/transfer.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/serve.py

@@ -17,6 +17,7 @@ from engine.engine import Engine
 from engine.request import FinishReason, Request
 from engine.sampling import SamplingParams
 from serving.ipc import GenerateRequest, SchedulerStats
+from serving.metrics import count_failure, get_metrics
 from serving.scheduler_loop import SchedulerLoop
 from transfer.config import TransferConfig
 from transfer.decode import DecodeTransferManager, KVReceiver
@@ -46,6 +47,7 @@ class DecodeScheduler(SchedulerLoop):
         self.receiving: dict[str, _Pending] = {}
         self.zombies: list[_Pending] = []  # failed transfers whose pages may still be written
         self.logprobs: dict[str, bool] = {}
+        self.metrics = get_metrics()
 
     def on_generate(self, msg: GenerateRequest) -> None:
         try:
@@ -117,6 +119,9 @@ class DecodeScheduler(SchedulerLoop):
                 self.admitting.appendleft(p)
                 log.debug("decode: admission deferred: %s", e)
                 break
+            now = time.monotonic()
+            self.metrics.request_stage.labels(self.role, "decode_admit").observe(now - p.since)
+            p.since = now
             self.receiving[p.req.rid] = p
             worked = True
         return worked
@@ -127,6 +132,7 @@ class DecodeScheduler(SchedulerLoop):
             assert p.receiver is not None
             state = p.receiver.poll()
             if state == TransferState.SUCCESS:
+                self.metrics.kv_transfer_seconds.labels(self.role).observe(time.monotonic() - p.since)
                 row = p.receiver.result()
                 p.receiver.release()
                 del self.receiving[rid]
@@ -135,6 +141,7 @@ class DecodeScheduler(SchedulerLoop):
                 worked = True
             elif state == TransferState.FAILED:
                 del self.receiving[rid]
+                count_failure(self.metrics, self.role, "kv_transfer", p.receiver.error)
                 self.zombies.append(p)
                 self.fail(rid, f"KV transfer failed: {p.receiver.error}", 500, len(p.req.prompt_ids))
                 self.logprobs.pop(rid, None)

@@ -20,6 +20,7 @@ from engine.request import Request
 from engine.sampling import SamplingParams
 from prefill_server.forward import prefill_and_send
 from serving.ipc import GenerateRequest, RequestOutput, SchedulerStats
+from serving.metrics import count_failure, get_metrics
 from serving.scheduler_loop import SchedulerLoop
 from transfer.bootstrap import BootstrapServer
 from transfer.config import TransferConfig
@@ -56,7 +57,8 @@ class PrefillScheduler(SchedulerLoop):
     ) -> None:
         super().__init__(engine, ipc_in, ipc_out)
         self.pipeline = pipeline or PipelineSettings()
-        self.batches_total = {True: 0, False: 0}  # pipelined?
+        self.metrics = get_metrics()
+        self._bytes_counted = 0
         self.bootstrap = BootstrapServer(bootstrap_host, bootstrap_port).start()
         addr = f"127.0.0.1:{self.bootstrap.port}"
         self.transfer = PrefillTransferManager(transfer_cfg, engine.pool, bootstrap_addr=addr)
@@ -102,7 +104,7 @@ class PrefillScheduler(SchedulerLoop):
 
     # -- the loop -------------------------------------------------------------------------------------
 
-    def step(self) -> bool:
+    def _step(self) -> bool:
         worked = self._poll_bootstrap()
         batch = self._next_batch()
         if batch:
@@ -119,10 +121,14 @@ class PrefillScheduler(SchedulerLoop):
             state = job.sender.poll()
             if job.sender.ready and state != TransferState.FAILED:
                 del self.bootstrapping[rid]
+                now = time.monotonic()
+                self.metrics.request_stage.labels(self.role, "bootstrap").observe(now - job.since)
+                job.since = now
                 self.waiting.append(job)
                 worked = True
             elif state == TransferState.FAILED:
                 del self.bootstrapping[rid]
+                count_failure(self.metrics, self.role, "bootstrap", job.sender.error)
                 self.zombies.append(job)
                 self.fail(rid, f"bootstrap failed: {job.sender.error}", 500, len(job.req.prompt_ids))
                 worked = True
@@ -151,8 +157,17 @@ class PrefillScheduler(SchedulerLoop):
         reqs = [j.req for j in batch]
         senders = [j.sender for j in batch]
         rooms = [j.msg.bootstrap_room or 0 for j in batch]
+        t0 = time.monotonic()
+        for job in batch:
+            self.metrics.request_stage.labels(self.role, "wait_for_input").observe(t0 - job.since)
+            if job.msg.arrival_time:
+                self.metrics.queue_time.labels(self.role).observe(max(0.0, time.time() - job.msg.arrival_time))
         sample, groups = prefill_and_send(self.engine, reqs, senders, rooms, self.pipeline)
-        self.batches_total[len(groups) > 1] += 1
+        t1 = time.monotonic()
+        self.metrics.prefill_batches.labels("pipelined" if len(groups) > 1 else "whole").inc()
+        for job in batch:
+            self.metrics.request_stage.labels(self.role, "prefill_forward").observe(t1 - t0)
+            job.since = t1
         for job, token, logprob in zip(batch, sample.token_ids.tolist(), sample.logprobs.tolist(), strict=True):
             job.token, job.logprob = token, logprob
             if job.sender is None:
@@ -171,12 +186,16 @@ class PrefillScheduler(SchedulerLoop):
             state = job.sender.poll()
             if state == TransferState.SUCCESS:
                 del self.inflight[rid]
+                elapsed = time.monotonic() - job.since
+                self.metrics.request_stage.labels(self.role, "kv_transfer").observe(elapsed)
+                self.metrics.kv_transfer_seconds.labels(self.role).observe(elapsed)
                 self._answer(job)
                 job.sender.release()
                 self.engine.pool.allocator.free(job.req.pages)
                 worked = True
             elif state == TransferState.FAILED:
                 del self.inflight[rid]
+                count_failure(self.metrics, self.role, "kv_transfer", job.sender.error)
                 self.zombies.append(job)
                 self.fail(rid, f"KV transfer failed: {job.sender.error}", 500, len(job.req.prompt_ids))
                 worked = True
@@ -206,6 +225,14 @@ class PrefillScheduler(SchedulerLoop):
                     self.engine.pool.allocator.free(job.req.pages)
                     job.req.pages = []
                 self.zombies.remove(job)
+
+    def step(self) -> bool:
+        worked = self._step()
+        sent = self.transfer.bytes_total
+        if sent > self._bytes_counted:
+            self.metrics.kv_transfer_bytes.labels(self.role).inc(sent - self._bytes_counted)
+            self._bytes_counted = sent
+        return worked
 
     def stats(self) -> SchedulerStats:
         pool = self.engine.pool

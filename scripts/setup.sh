@@ -15,15 +15,18 @@ fi
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 
-# Mooncake's wheel links libibverbs and libnuma even when it runs over TCP.
+# Mooncake's wheel links libibverbs and libnuma even when it runs over TCP; the tests check the
+# metrics exposition with promtool (Debian's prometheus package).
 missing=()
 for lib in libibverbs1 libnuma1; do
     dpkg -s "$lib" >/dev/null 2>&1 || missing+=("$lib")
 done
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-        say "installing ${missing[*]} (needed by Mooncake)"
-        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        say "installing ${missing[*]} (Debian packages)"
+        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends "${missing[@]}" >/dev/null
     else
         say "warning: ${missing[*]} missing and cannot apt-get install them; run: sudo apt-get install ${missing[*]}"
     fi

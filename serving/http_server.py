@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -40,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from serving import api
 from serving.api import APIError, ParsedRequest, PromptResult
@@ -618,7 +620,7 @@ class _Front:
         req = GenerateRequest(
             rid=rid,
             input_ids=ids,
-            sampling={"max_new_tokens": 1, "temperature": 0.0},
+            sampling=dataclasses.asdict(SamplingParams(max_new_tokens=1, temperature=0.0)),
             arrival_time=time.time(),
         )
         flight = _Inflight(self, [rid], req.arrival_time, record_metrics=False)

@@ -67,7 +67,7 @@ def run_server(settings: ServerSettings) -> None:
     metrics_dir.mkdir()
     from serving.metrics import setup_multiprocess
 
-    setup_multiprocess(str(metrics_dir))  # inherited by the child through the environment
+    setup_multiprocess(str(metrics_dir), clear=True)  # inherited by the child through the environment
     ipc_in, ipc_out = f"ipc://{run_dir}/to-scheduler", f"ipc://{run_dir}/from-scheduler"
 
     ctx = mp.get_context("spawn")
@@ -97,6 +97,7 @@ def run_server(settings: ServerSettings) -> None:
         default_bootstrap_port=settings.bootstrap_port,
         request_timeout_s=settings.request_timeout_s,
         server_args=_server_args(settings),
+        prometheus_multiproc_dir=str(metrics_dir),
     )
     try:
         run_front(front, settings.host, settings.port)

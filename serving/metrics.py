@@ -292,3 +292,9 @@ def status_label(http_status: int, aborted: bool = False) -> str:
     if http_status < 500:
         return "client_error"
     return "server_error"
+
+
+def count_failure(metrics: Metrics, role: str, stage: str, error: str) -> None:
+    """Count a failed transfer under the reason its error text names (timeouts and aborts apart)."""
+    reason = "timed_out" if "timed out" in error else "aborted" if "abort" in error else "failed"
+    metrics.kv_transfer_failures.labels(role, stage, reason).inc()

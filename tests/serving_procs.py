@@ -47,7 +47,7 @@ class Proc:
 class Stack:
     """prefill + decode (+ router) for one transfer backend."""
 
-    def __init__(self, backend: str, extra: list[str] | None = None) -> None:
+    def __init__(self, backend: str, extra: list[str] | None = None, prefill_extra: list[str] | None = None) -> None:
         self.backend = backend
         self.log_dir = Path(tempfile.mkdtemp(prefix=f"pdserve-e2e-{backend}-"))
         self.prefill_port, self.decode_port, self.bootstrap_port = free_port(), free_port(), free_port()
@@ -56,7 +56,7 @@ class Stack:
         common = ["--model", MODEL, "--transfer-backend", backend, "--kv-cache-gb", "0.05", *(extra or [])]
         self.procs = [
             Proc("prefill", [*pd, "prefill", *common, "--port", str(self.prefill_port),
-                             "--bootstrap-port", str(self.bootstrap_port)], self.log_dir),
+                             "--bootstrap-port", str(self.bootstrap_port), *(prefill_extra or [])], self.log_dir),
             Proc("decode", [*pd, "decode", *common, "--port", str(self.decode_port)], self.log_dir),
             Proc("router", [*pd, "router", "--port", str(self.router_port),
                             "--prefill", self.prefill_url, str(self.bootstrap_port),

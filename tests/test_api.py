@@ -13,6 +13,7 @@ with the real scheduler live elsewhere. It decides what to do from the request's
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import tempfile
 import threading
@@ -443,6 +444,7 @@ class Server:
         self.thread.join(10)
         self.sched.halt.set()
         self.sched.join(5)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def wait_for(cond, timeout: float = 5.0) -> None:
@@ -718,6 +720,9 @@ def test_info_endpoints_load_and_metrics(srv: Server) -> None:
         mi = c.get(path).json()
         assert mi["is_generation"] is True and mi["model_type"] == "llama" and mi["model_path"]
     assert c.get("/health_generate").status_code == 200
+    (hg,) = [q for rid, q in srv.sched.requests.items() if rid.startswith("health-generate-")]
+    assert hg.sampling["max_new_tokens"] == 1 and hg.sampling["temperature"] == 0
+    assert (hg.bootstrap_host, hg.bootstrap_port, hg.bootstrap_room) == (None, None, None)
     assert c.post("/flush_cache").status_code == 200
 
     c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3})

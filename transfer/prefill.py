@@ -209,7 +209,8 @@ class PrefillTransferManager(TransferManager):
             r.released = True
             if not r.state.terminal:
                 self._abort_local(room, "released before the transfer ended")
-            self._maybe_delete(room, r)  # otherwise the worker deletes it when the last write resolves
+            # tells decode if nobody has yet; deletes the room now if drained, else when the last write resolves
+            self._conclude(room, r)
 
     # -- control messages -----------------------------------------------------------------------------
 

@@ -1,0 +1,325 @@
+"""Serving latency through three front doors on the same prefill + decode servers, in one run.
+
+Starts real `pdserve prefill`, `pdserve decode` and `pdserve router` processes on loopback with builtin:tiny-llama
+(and sglang-router in PD mode in front of the same servers), then drives streaming `/v1/completions` through:
+
+  pdserve  the pdserve router
+  sglang   PyPI's sglang-router (skipped with a note when it is missing or does not start)
+  direct   no router: this client draws the bootstrap room and POSTs to prefill and decode itself
+
+Closed loop: `concurrency` workers each send their next request when the previous one finishes. Greedy, ignore_eos,
+so every request yields exactly --output-len tokens. Per request, client side: TTFT (send -> first SSE chunk carrying
+text), inter-token latency (gaps between text chunks); per cell: TTFT/ITL p50/p99 and output tokens/s. The router's
+added latency is its TTFT p50 minus direct's at the same concurrency.
+
+    .venv/bin/python bench/serve.py [--backend mooncake] [--concurrency 1,8,32] [--doors pdserve,sglang,direct]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import itertools
+import json
+import math
+import random
+import secrets
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.builtin import resolve_model
+from engine.tokenizer import Tokenizer
+from tests.serving_procs import MODEL, Stack
+
+DOORS = ("pdserve", "sglang", "direct")
+DOOR_LABEL = {"pdserve": "pdserve router", "sglang": "sglang-router", "direct": "direct"}
+ROOM_MAX = 2**63 - 1
+
+# Prompts are slices of this text (repeated as needed), so prompt content is fixed across runs and doors.
+SOURCE_TEXT = (
+    "A disaggregated server splits a language model's work in two. The prefill server reads the whole prompt in "
+    "one pass and writes the attention keys and values for every position into its cache; the decode server then "
+    "receives those pages over the network and produces the answer one token at a time. Because the two phases "
+    "stress different resources, prefill being bound by arithmetic and decode by memory bandwidth, running them on "
+    "separate machines lets each be sized and batched for its own bottleneck. A router sits in front of both: for "
+    "every request it picks a prefill and a decode server, draws a random bootstrap room that names the transfer, "
+    "sends the same request to both at once, and relays the decode server's stream back to the client. The cost "
+    "of that extra hop is what this benchmark measures, next to a client that plays router itself. "
+)
+
+
+def progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]); nan for no values."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+@dataclass
+class Sample:
+    ttft: float
+    itls: list[float]
+    e2e: float
+    tokens: int
+
+
+@dataclass
+class Cell:
+    """Everything measured for one (concurrency, door), pooled over rounds."""
+
+    samples: list[Sample] = field(default_factory=list)
+    wall: float = 0.0  # summed over rounds: each round's first send to its last answer
+    errors: list[str] = field(default_factory=list)
+
+
+class Door:
+    """One way into the servers. `request` streams one completion and returns what the client saw."""
+
+    def __init__(self, name: str, stack: Stack, url: str | None, max_conn: int) -> None:
+        self.name = name
+        self.stack = stack
+        # One client per upstream URL: a request holds a connection to each server it talks to for its whole life,
+        # so a pool a little above the concurrency never makes a worker wait for a connection.
+        limits = httpx.Limits(max_connections=max_conn, max_keepalive_connections=max_conn)
+        timeout = httpx.Timeout(300.0, connect=10.0)
+        urls = [stack.prefill_url, stack.decode_url] if name == "direct" else [url]
+        self.clients = {u: httpx.AsyncClient(limits=limits, timeout=timeout) for u in urls if u}
+        self.url = url
+
+    async def close(self) -> None:
+        for c in self.clients.values():
+            await c.aclose()
+
+    async def request(self, body: dict) -> Sample:
+        if self.name != "direct":
+            assert self.url is not None
+            return await self._stream(self.clients[self.url], self.url, body, time.perf_counter())
+        # Play router: the same body plus bootstrap fields to both servers at once; decode's stream is the answer.
+        body = dict(body, bootstrap_host="127.0.0.1", bootstrap_port=self.stack.bootstrap_port,
+                    bootstrap_room=secrets.randbelow(ROOM_MAX + 1), rid=uuid.uuid4().hex)  # fmt: skip
+        t0 = time.perf_counter()
+        prefill = asyncio.create_task(self._drain(self.clients[self.stack.prefill_url], self.stack.prefill_url, body))
+        try:
+            sample = await self._stream(self.clients[self.stack.decode_url], self.stack.decode_url, body, t0)
+        except BaseException:
+            prefill.cancel()
+            raise
+        await prefill  # long done: decode could not start before prefill's KV arrived
+        return sample
+
+    @staticmethod
+    async def _drain(client: httpx.AsyncClient, url: str, body: dict) -> None:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            async for _ in resp.aiter_raw():
+                pass
+            if resp.status_code != 200:
+                raise RuntimeError(f"prefill answered {resp.status_code}")
+
+    @staticmethod
+    async def _stream(client: httpx.AsyncClient, url: str, body: dict, t0: float) -> Sample:
+        stamps: list[float] = []  # arrival of each chunk that carries text
+        tokens, done = None, False
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                raise RuntimeError(f"{resp.status_code}: {resp.text[:200]}")
+            async for line in resp.aiter_lines():
+                now = time.perf_counter()
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    done = True
+                    break
+                event = json.loads(payload)
+                if "error" in event:
+                    raise RuntimeError(f"error event: {event['error']}")
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                if any(c.get("text") for c in event.get("choices") or ()):
+                    stamps.append(now)
+        end = time.perf_counter()
+        if not done or not stamps:
+            raise RuntimeError(f"stream ended without {'[DONE]' if stamps else 'any text'}")
+        itls = [b - a for a, b in itertools.pairwise(stamps)]
+        return Sample(stamps[0] - t0, itls, end - t0, tokens if tokens is not None else -1)
+
+
+def make_prompts(tok: Tokenizer, n: int, lo: int, hi: int, rng: random.Random) -> list[str]:
+    """n prompts of lo..hi tokens: slices of SOURCE_TEXT at random offsets (so no two share a long prefix)."""
+    ids = tok.encode(SOURCE_TEXT)
+    ids = ids * (-(-(hi + len(ids)) // len(ids)))
+    out = []
+    for _ in range(n):
+        length = rng.randint(lo, hi)
+        start = rng.randrange(len(ids) - length)
+        out.append(tok.decode(ids[start : start + length]))
+    return out
+
+
+async def run_closed_loop(door: Door, prompts: list[str], concurrency: int, output_len: int) -> tuple[list, float]:
+    """Runs `prompts` through `door` with `concurrency` workers; returns (samples or exceptions, wall seconds)."""
+    pending = iter(prompts)
+    results: list[Sample | BaseException] = []
+
+    async def worker() -> None:
+        for prompt in pending:  # a shared iterator: each worker takes the next prompt when its last one is done
+            body = {
+                "model": MODEL, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True},
+            }  # fmt: skip
+            try:
+                results.append(await door.request(body))
+            except (httpx.HTTPError, RuntimeError, ValueError) as e:
+                results.append(e)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results, time.perf_counter() - t0
+
+
+async def bench(args: argparse.Namespace, stack: Stack, doors: dict[str, str | None], tok: Tokenizer) -> dict:
+    levels = [int(c) for c in args.concurrency.split(",")]
+    max_conn = max(levels) + 8
+    opened = {name: Door(name, stack, url, max_conn) for name, url in doors.items()}
+    cells: dict[tuple[int, str], Cell] = {}
+    try:
+        for conc in levels:
+            total = args.requests or max(16, 4 * conc)
+            rng = random.Random(conc)
+            # Warm-up at this level: opens `conc` connections on every hop, so no timed request pays for a handshake.
+            warm = make_prompts(tok, conc, args.min_prompt, args.max_prompt, rng)
+            for name, door in opened.items():
+                progress(f"concurrency {conc}: warming up {DOOR_LABEL[name]}")
+                res, _ = await run_closed_loop(door, warm, conc, 4)
+                if errs := [r for r in res if isinstance(r, BaseException)]:
+                    raise RuntimeError(f"{DOOR_LABEL[name]} failed during warm-up: {errs[0]!r}")
+            # Rounds with the door order rotated: drift on a noisy box (another process, thermal) lands on every
+            # door alike instead of on whichever happened to run last. Every door gets the same prompts.
+            names = list(opened)
+            for r in range(args.rounds):
+                n = total // args.rounds + (1 if r < total % args.rounds else 0)
+                prompts = make_prompts(tok, n, args.min_prompt, args.max_prompt, rng)
+                order = names[r % len(names) :] + names[: r % len(names)]
+                for name in order:
+                    res, wall = await run_closed_loop(opened[name], prompts, conc, args.output_len)
+                    cell = cells.setdefault((conc, name), Cell())
+                    cell.wall += wall
+                    for x in res:
+                        if isinstance(x, BaseException):
+                            cell.errors.append(f"{type(x).__name__}: {x}")
+                        else:
+                            cell.samples.append(x)
+                    ttft = percentile([s.ttft for s in cell.samples[-n:]], 50) * 1e3
+                    progress(
+                        f"concurrency {conc} round {r + 1}/{args.rounds}: {DOOR_LABEL[name]} {n} requests in "
+                        f"{wall:.1f}s, TTFT p50 {ttft:.1f} ms"
+                    )
+    finally:
+        for door in opened.values():
+            await door.close()
+    return cells
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="mooncake", choices=["mooncake", "nixl"])
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--requests", type=int, default=None, help="per (concurrency, door); default max(16, 4*conc)")
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--min-prompt", type=int, default=100, help="prompt tokens, lower bound")
+    ap.add_argument("--max-prompt", type=int, default=300, help="prompt tokens, upper bound")
+    ap.add_argument("--rounds", type=int, default=2, help="split each cell's requests into rounds, door order rotated")
+    ap.add_argument("--doors", default=",".join(DOORS))
+    args = ap.parse_args()
+    wanted = args.doors.split(",")
+    if unknown := set(wanted) - set(DOORS):
+        ap.error(f"unknown door(s) {sorted(unknown)}; choose from {','.join(DOORS)}")
+
+    tok = Tokenizer.from_pretrained(resolve_model(MODEL))
+    started = time.perf_counter()
+    progress(f"starting prefill, decode and router ({args.backend})")
+    stack = Stack(args.backend)
+    notes: list[str] = []
+    try:
+        progress(f"servers ready in {time.perf_counter() - started:.0f}s (logs in {stack.log_dir})")
+        doors: dict[str, str | None] = {}
+        for name in wanted:
+            if name == "pdserve":
+                doors[name] = stack.router_url
+            elif name == "direct":
+                doors[name] = None
+            elif importlib.util.find_spec("sglang_router") is None:
+                notes.append("sglang-router: skipped, not installed (pip install sglang-router)")
+            else:
+                try:
+                    doors[name] = stack.start_sglang_router()
+                except (RuntimeError, TimeoutError) as e:
+                    notes.append(f"sglang-router: skipped, did not start: {str(e).splitlines()[0]}")
+        for n in notes:
+            progress(n)
+        cells = asyncio.run(bench(args, stack, doors, tok))
+    finally:
+        stack.stop()
+    elapsed = time.perf_counter() - started
+
+    print(
+        f"\n{MODEL} over {args.backend}, streaming /v1/completions: prompts {args.min_prompt}-{args.max_prompt} "
+        f"tokens, {args.output_len} output tokens (greedy, ignore_eos), closed loop, {args.rounds} rounds per cell "
+        f"with the door order rotated; client and all servers share this machine; {elapsed:.0f}s in all"
+    )
+    print(
+        f"{'conc':>4}  {'front door':<15} {'n':>4} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
+        f"{'ITL p50 ms':>11} {'ITL p99 ms':>11} {'tok/s':>8}"
+    )
+    bad_tokens = 0
+    for (conc, name), cell in cells.items():
+        ttfts = [s.ttft * 1e3 for s in cell.samples]
+        itls = [g * 1e3 for s in cell.samples for g in s.itls]
+        toks = sum(s.tokens if s.tokens >= 0 else args.output_len for s in cell.samples)
+        bad_tokens += sum(1 for s in cell.samples if s.tokens not in (-1, args.output_len))
+        print(
+            f"{conc:>4}  {DOOR_LABEL[name]:<15} {len(cell.samples):>4} {percentile(ttfts, 50):>12.1f} "
+            f"{percentile(ttfts, 99):>12.1f} {percentile(itls, 50):>11.2f} {percentile(itls, 99):>11.2f} "
+            f"{toks / cell.wall:>8.1f}"
+        )
+    for n in notes:
+        print(n)
+    for (conc, name), cell in cells.items():
+        if cell.errors:
+            print(f"concurrency {conc}, {DOOR_LABEL[name]}: {len(cell.errors)} failed, first: {cell.errors[0]}")
+    if bad_tokens:
+        print(f"warning: {bad_tokens} requests did not report exactly {args.output_len} completion tokens")
+
+    for conc in sorted({c for c, _ in cells}):
+        if (conc, "direct") not in cells:
+            continue
+        base = percentile([s.ttft for s in cells[conc, "direct"].samples], 50) * 1e3
+        parts = []
+        for name in ("pdserve", "sglang"):
+            if (conc, name) in cells:
+                p50 = percentile([s.ttft for s in cells[conc, name].samples], 50) * 1e3
+                parts.append(f"{DOOR_LABEL[name].split()[0]} {p50 - base:+.1f} ms ({p50 / base:.2f}x)")
+            elif name in wanted:
+                parts.append(f"{DOOR_LABEL[name].split()[0]} n/a")
+        if parts:
+            print(f"router added TTFT p50 at concurrency {conc}: " + ", ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
