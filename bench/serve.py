@@ -114,13 +114,18 @@ class Door:
                     bootstrap_room=secrets.randbelow(ROOM_MAX + 1), rid=uuid.uuid4().hex)  # fmt: skip
         t0 = time.perf_counter()
         prefill = asyncio.create_task(self._drain(self.clients[self.stack.prefill_url], self.stack.prefill_url, body))
+        decode = asyncio.create_task(self._stream(self.clients[self.stack.decode_url], self.stack.decode_url, body, t0))
         try:
-            sample = await self._stream(self.clients[self.stack.decode_url], self.stack.decode_url, body, t0)
-        except BaseException:
-            prefill.cancel()
-            raise
-        await prefill  # long done: decode could not start before prefill's KV arrived
-        return sample
+            await asyncio.wait({prefill, decode}, return_when=asyncio.FIRST_COMPLETED)
+            if prefill.done() and (exc := prefill.exception()) is not None:
+                # decode would wait for KV that never comes (the router aborts it; a benchmark just gives up)
+                raise exc
+            sample = await decode
+            await prefill  # long done: decode cannot produce a token before prefill's KV has arrived
+            return sample
+        finally:
+            for task in (prefill, decode):
+                task.cancel()
 
     @staticmethod
     async def _drain(client: httpx.AsyncClient, url: str, body: dict) -> None:
@@ -172,7 +177,9 @@ def make_prompts(tok: Tokenizer, n: int, lo: int, hi: int, rng: random.Random) -
     return out
 
 
-async def run_closed_loop(door: Door, prompts: list[str], concurrency: int, output_len: int) -> tuple[list, float]:
+async def run_closed_loop(
+    door: Door, prompts: list[str], concurrency: int, output_len: int
+) -> tuple[list[Sample | BaseException], float]:
     """Runs `prompts` through `door` with `concurrency` workers; returns (samples or exceptions, wall seconds)."""
     pending = iter(prompts)
     results: list[Sample | BaseException] = []
@@ -193,7 +200,9 @@ async def run_closed_loop(door: Door, prompts: list[str], concurrency: int, outp
     return results, time.perf_counter() - t0
 
 
-async def bench(args: argparse.Namespace, stack: Stack, doors: dict[str, str | None], tok: Tokenizer) -> dict:
+async def bench(
+    args: argparse.Namespace, stack: Stack, doors: dict[str, str | None], tok: Tokenizer
+) -> dict[tuple[int, str], Cell]:
     levels = [int(c) for c in args.concurrency.split(",")]
     max_conn = max(levels) + 8
     opened = {name: Door(name, stack, url, max_conn) for name, url in doors.items()}
@@ -212,8 +221,9 @@ async def bench(args: argparse.Namespace, stack: Stack, doors: dict[str, str | N
             # Rounds with the door order rotated: drift on a noisy box (another process, thermal) lands on every
             # door alike instead of on whichever happened to run last. Every door gets the same prompts.
             names = list(opened)
-            for r in range(args.rounds):
-                n = total // args.rounds + (1 if r < total % args.rounds else 0)
+            rounds = min(args.rounds or len(names), total)
+            for r in range(rounds):
+                n = total // rounds + (1 if r < total % rounds else 0)
                 prompts = make_prompts(tok, n, args.min_prompt, args.max_prompt, rng)
                 order = names[r % len(names) :] + names[: r % len(names)]
                 for name in order:
@@ -225,10 +235,11 @@ async def bench(args: argparse.Namespace, stack: Stack, doors: dict[str, str | N
                             cell.errors.append(f"{type(x).__name__}: {x}")
                         else:
                             cell.samples.append(x)
-                    ttft = percentile([s.ttft for s in cell.samples[-n:]], 50) * 1e3
+                    ok = [x for x in res if isinstance(x, Sample)]
                     progress(
-                        f"concurrency {conc} round {r + 1}/{args.rounds}: {DOOR_LABEL[name]} {n} requests in "
-                        f"{wall:.1f}s, TTFT p50 {ttft:.1f} ms"
+                        f"concurrency {conc} round {r + 1}/{rounds}: {DOOR_LABEL[name]} {len(ok)}/{n} ok in "
+                        f"{wall:.1f}s, TTFT p50 {percentile([s.ttft for s in ok], 50) * 1e3:.1f} ms, "
+                        f"e2e p50 {percentile([s.e2e for s in ok], 50) * 1e3:.0f} ms"
                     )
     finally:
         for door in opened.values():
@@ -244,7 +255,13 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--min-prompt", type=int, default=100, help="prompt tokens, lower bound")
     ap.add_argument("--max-prompt", type=int, default=300, help="prompt tokens, upper bound")
-    ap.add_argument("--rounds", type=int, default=2, help="split each cell's requests into rounds, door order rotated")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="split each cell's requests into this many rounds, rotating the door order; default: one per door, "
+        "so each door runs first, middle and last once",
+    )
     ap.add_argument("--doors", default=",".join(DOORS))
     args = ap.parse_args()
     wanted = args.doors.split(",")
@@ -280,8 +297,8 @@ def main() -> None:
 
     print(
         f"\n{MODEL} over {args.backend}, streaming /v1/completions: prompts {args.min_prompt}-{args.max_prompt} "
-        f"tokens, {args.output_len} output tokens (greedy, ignore_eos), closed loop, {args.rounds} rounds per cell "
-        f"with the door order rotated; client and all servers share this machine; {elapsed:.0f}s in all"
+        f"tokens, {args.output_len} output tokens (greedy, ignore_eos), closed loop, {args.rounds or len(doors)} "
+        f"rounds per cell with the door order rotated; client and all servers share this machine; {elapsed:.0f}s in all"
     )
     print(
         f"{'conc':>4}  {'front door':<15} {'n':>4} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
@@ -296,7 +313,7 @@ def main() -> None:
         print(
             f"{conc:>4}  {DOOR_LABEL[name]:<15} {len(cell.samples):>4} {percentile(ttfts, 50):>12.1f} "
             f"{percentile(ttfts, 99):>12.1f} {percentile(itls, 50):>11.2f} {percentile(itls, 99):>11.2f} "
-            f"{toks / cell.wall:>8.1f}"
+            f"{toks / cell.wall if cell.wall else math.nan:>8.1f}"
         )
     for n in notes:
         print(n)

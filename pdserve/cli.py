@@ -96,21 +96,33 @@ def add_server_args(p: argparse.ArgumentParser, role: str, port: int) -> None:
     p.add_argument("--port", type=int, default=port, help="HTTP port")
     p.add_argument("--served-model-name", default="", help="model name in the API (default: --model)")
     p.add_argument("--transfer-backend", default=env("TRANSFER_BACKEND", "mooncake"), choices=list(BACKENDS))
-    p.add_argument("--advertise-host", default=env("ADVERTISE_HOST", "127.0.0.1"),
-                   help="address peers reach this server's KV transfer and control sockets on (pod IP)")
+    p.add_argument(
+        "--advertise-host",
+        default=env("ADVERTISE_HOST", "127.0.0.1"),
+        help="address peers reach this server's KV transfer and control sockets on (pod IP)",
+    )
     p.add_argument("--mooncake-protocol", default=env("MOONCAKE_PROTOCOL", "tcp"), choices=["tcp", "rdma"])
     p.add_argument("--ib-device", default=env("IB_DEVICE", ""), help="RDMA NICs for Mooncake, e.g. mlx5_0,mlx5_1")
-    p.add_argument("--bootstrap-port", type=int, default=int(env("BOOTSTRAP_PORT", "8998")),
-                   help="prefill: bootstrap server port; decode: default for requests that give none")
+    p.add_argument(
+        "--bootstrap-port",
+        type=int,
+        default=int(env("BOOTSTRAP_PORT", "8998")),
+        help="prefill: bootstrap server port; decode: default for requests that give none",
+    )
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a silent request fails")
     t = Timeouts()
     p.add_argument("--bootstrap-timeout", type=float, default=float(env("BOOTSTRAP_TIMEOUT", str(t.bootstrap))))
     p.add_argument("--waiting-timeout", type=float, default=float(env("WAITING_TIMEOUT", str(t.waiting_for_input))))
     p.add_argument("--transfer-timeout", type=float, default=float(env("TRANSFER_TIMEOUT", str(t.transferring))))
-    p.add_argument("--heartbeat-interval", type=float,
-                   default=float(env("HEARTBEAT_INTERVAL", str(t.heartbeat_interval))))
-    p.add_argument("--emulated-link-gbps", type=float, default=_opt_float(env("EMULATED_LINK_GBPS", "")),
-                   help="benchmarking aid: pace KV writes to this bandwidth (off by default)")
+    p.add_argument(
+        "--heartbeat-interval", type=float, default=float(env("HEARTBEAT_INTERVAL", str(t.heartbeat_interval)))
+    )
+    p.add_argument(
+        "--emulated-link-gbps",
+        type=float,
+        default=_opt_float(env("EMULATED_LINK_GBPS", "")),
+        help="benchmarking aid: pace KV writes to this bandwidth (off by default)",
+    )
     if role == "prefill":
         add_pipeline_args(p)
 
@@ -118,17 +130,29 @@ def add_server_args(p: argparse.ArgumentParser, role: str, port: int) -> None:
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
     d = PipelineSettings()
     g = p.add_argument_group("layer-pipelined prefill (DESIGN §4)")
-    g.add_argument("--pipeline", action=argparse.BooleanOptionalAction,
-                   default=env("PIPELINE", "1").lower() not in ("0", "false", "no", "off"),
-                   help="send each layer group's KV while the next group computes (PDSERVE_PIPELINE)")
-    g.add_argument("--pipeline-min-tokens", type=int, default=int(env("PIPELINE_MIN_TOKENS", str(d.min_tokens))),
-                   help="average new tokens per request below which the whole forward runs")
+    g.add_argument(
+        "--pipeline",
+        action=argparse.BooleanOptionalAction,
+        default=env("PIPELINE", "1").lower() not in ("0", "false", "no", "off"),
+        help="send each layer group's KV while the next group computes (PDSERVE_PIPELINE)",
+    )
+    g.add_argument(
+        "--pipeline-min-tokens",
+        type=int,
+        default=int(env("PIPELINE_MIN_TOKENS", str(d.min_tokens))),
+        help="average new tokens per request below which the whole forward runs",
+    )
     g.add_argument("--pipeline-max-iters", type=int, default=int(env("PIPELINE_MAX_ITERS", str(d.max_iters))))
     g.add_argument("--pipeline-min-iters", type=int, default=int(env("PIPELINE_MIN_ITERS", str(d.min_iters))))
-    g.add_argument("--pipeline-sat-multiplier", type=float,
-                   default=float(env("PIPELINE_SAT_MULTIPLIER", str(d.sat_multiplier))))
-    g.add_argument("--pipeline-group-size", type=int, default=_opt_int(env("PIPELINE_GROUP_SIZE", "")),
-                   help="fixed layers per group (overrides the adaptive rule)")
+    g.add_argument(
+        "--pipeline-sat-multiplier", type=float, default=float(env("PIPELINE_SAT_MULTIPLIER", str(d.sat_multiplier)))
+    )
+    g.add_argument(
+        "--pipeline-group-size",
+        type=int,
+        default=_opt_int(env("PIPELINE_GROUP_SIZE", "")),
+        help="fixed layers per group (overrides the adaptive rule)",
+    )
 
 
 def pipeline_settings(args: argparse.Namespace) -> PipelineSettings:

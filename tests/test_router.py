@@ -24,7 +24,8 @@ from router.app import ROOM_MAX, _ContentScanner, _event_has_content, assign_rid
 from router.config import PrefillServer, RouterConfig, RouterConfigError, add_router_args, router_config
 from router.policies import LeastLoadPolicy, LoadTracker, RandomPolicy, RoundRobinPolicy, make_policy, parse_load
 
-ROUTER_LOG = "critical"
+# the stand-ins raise on purpose (a decode dying mid-stream); keep uvicorn from printing those tracebacks
+UVICORN_LOG = "critical"
 pytestmark = pytest.mark.timeout(60)
 
 # ---- pure units -----------------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ class ServerThread:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        cfg = uvicorn.Config(app, log_level=ROUTER_LOG, timeout_graceful_shutdown=1, timeout_keep_alive=30)
+        cfg = uvicorn.Config(app, log_level=UVICORN_LOG, timeout_graceful_shutdown=1, timeout_keep_alive=30)
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
