@@ -189,3 +189,22 @@ def test_bad_input_gets_a_clear_4xx(stack, path, body, word):
     # the servers are still healthy
     for url in (stack.prefill_url, stack.decode_url):
         assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+
+
+def test_client_disconnect_aborts_on_both_servers(stack):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3000, "temperature": 0, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    with httpx.stream("POST", f"{stack.router_url}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # one token arrived: the request is decoding; now walk away
+    # 3000 tokens take far longer than this: only an abort frees the pages this fast
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        loads = [httpx.get(f"{u}/get_load", timeout=5).json()["load"] for u in (stack.prefill_url, stack.decode_url)]
+        if loads == [0, 0] and stack.kv_pages_used() == {"prefill": 0, "decode": 0}:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"request still running after the client left: loads {loads}, {stack.kv_pages_used()}")
