@@ -23,6 +23,7 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 import random
 import secrets
 import sys
@@ -84,6 +85,7 @@ class Cell:
 
     samples: list[Sample] = field(default_factory=list)
     wall: float = 0.0  # summed over rounds: each round's first send to its last answer
+    round_ttft_p50: list[float] = field(default_factory=list)  # per round, to show how much rounds disagree
     errors: list[str] = field(default_factory=list)
 
 
@@ -95,10 +97,11 @@ class Door:
         self.stack = stack
         # One client per upstream URL: a request holds a connection to each server it talks to for its whole life,
         # so a pool a little above the concurrency never makes a worker wait for a connection.
-        limits = httpx.Limits(max_connections=max_conn, max_keepalive_connections=max_conn)
+        # keepalive_expiry below uvicorn's 5 s keep-alive: reusing a connection the server is closing fails a request.
+        limits = httpx.Limits(max_connections=max_conn, max_keepalive_connections=max_conn, keepalive_expiry=4.0)
         timeout = httpx.Timeout(300.0, connect=10.0)
         urls = [stack.prefill_url, stack.decode_url] if name == "direct" else [url]
-        self.clients = {u: httpx.AsyncClient(limits=limits, timeout=timeout) for u in urls if u}
+        self.clients = {u: httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) for u in urls if u}
         self.url = url
 
     async def close(self) -> None:
@@ -211,13 +214,7 @@ async def bench(
         for conc in levels:
             total = args.requests or max(16, 4 * conc)
             rng = random.Random(conc)
-            # Warm-up at this level: opens `conc` connections on every hop, so no timed request pays for a handshake.
             warm = make_prompts(tok, conc, args.min_prompt, args.max_prompt, rng)
-            for name, door in opened.items():
-                progress(f"concurrency {conc}: warming up {DOOR_LABEL[name]}")
-                res, _ = await run_closed_loop(door, warm, conc, 4)
-                if errs := [r for r in res if isinstance(r, BaseException)]:
-                    raise RuntimeError(f"{DOOR_LABEL[name]} failed during warm-up: {errs[0]!r}")
             # Rounds with the door order rotated: drift on a noisy box (another process, thermal) lands on every
             # door alike instead of on whichever happened to run last. Every door gets the same prompts.
             names = list(opened)
@@ -227,6 +224,12 @@ async def bench(
                 prompts = make_prompts(tok, n, args.min_prompt, args.max_prompt, rng)
                 order = names[r % len(names) :] + names[: r % len(names)]
                 for name in order:
+                    # Warm-up right before each timed run, not once per level: it opens `conc` connections on every
+                    # hop, and idle keep-alive connections expire after ~4-5 s (router and uvicorn), which the other
+                    # doors' runs easily last. Short answers: only the connections and first-request paths matter.
+                    res, _ = await run_closed_loop(opened[name], warm, conc, 4)
+                    if errs := [x for x in res if isinstance(x, BaseException)]:
+                        raise RuntimeError(f"{DOOR_LABEL[name]} failed during warm-up: {errs[0]!r}")
                     res, wall = await run_closed_loop(opened[name], prompts, conc, args.output_len)
                     cell = cells.setdefault((conc, name), Cell())
                     cell.wall += wall
@@ -236,6 +239,7 @@ async def bench(
                         else:
                             cell.samples.append(x)
                     ok = [x for x in res if isinstance(x, Sample)]
+                    cell.round_ttft_p50.append(percentile([s.ttft for s in ok], 50))
                     progress(
                         f"concurrency {conc} round {r + 1}/{rounds}: {DOOR_LABEL[name]} {len(ok)}/{n} ok in "
                         f"{wall:.1f}s, TTFT p50 {percentile([s.ttft for s in ok], 50) * 1e3:.1f} ms, "
@@ -269,6 +273,7 @@ def main() -> None:
         ap.error(f"unknown door(s) {sorted(unknown)}; choose from {','.join(DOORS)}")
 
     tok = Tokenizer.from_pretrained(resolve_model(MODEL))
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     progress(f"starting prefill, decode and router ({args.backend})")
     stack = Stack(args.backend)
@@ -294,22 +299,29 @@ def main() -> None:
     finally:
         stack.stop()
     elapsed = time.perf_counter() - started
+    load_after = os.getloadavg()[0]
 
     print(
         f"\n{MODEL} over {args.backend}, streaming /v1/completions: prompts {args.min_prompt}-{args.max_prompt} "
         f"tokens, {args.output_len} output tokens (greedy, ignore_eos), closed loop, {args.rounds or len(doors)} "
-        f"rounds per cell with the door order rotated; client and all servers share this machine; {elapsed:.0f}s in all"
+        f"rounds per cell with the door order rotated; {elapsed:.0f}s in all"
+    )
+    # Client, servers and routers share this machine, so anything else running skews the numbers: say how busy it was.
+    print(
+        f"client and servers on {os.cpu_count()} CPUs; 1-min load average {load_before:.1f} before the run, "
+        f"{load_after:.1f} after"
     )
     print(
         f"{'conc':>4}  {'front door':<15} {'n':>4} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
         f"{'ITL p50 ms':>11} {'ITL p99 ms':>11} {'tok/s':>8}"
     )
-    bad_tokens = 0
+    bad_tokens = no_usage = 0
     for (conc, name), cell in cells.items():
         ttfts = [s.ttft * 1e3 for s in cell.samples]
         itls = [g * 1e3 for s in cell.samples for g in s.itls]
         toks = sum(s.tokens if s.tokens >= 0 else args.output_len for s in cell.samples)
         bad_tokens += sum(1 for s in cell.samples if s.tokens not in (-1, args.output_len))
+        no_usage += sum(1 for s in cell.samples if s.tokens == -1)
         print(
             f"{conc:>4}  {DOOR_LABEL[name]:<15} {len(cell.samples):>4} {percentile(ttfts, 50):>12.1f} "
             f"{percentile(ttfts, 99):>12.1f} {percentile(itls, 50):>11.2f} {percentile(itls, 99):>11.2f} "
@@ -322,16 +334,25 @@ def main() -> None:
             print(f"concurrency {conc}, {DOOR_LABEL[name]}: {len(cell.errors)} failed, first: {cell.errors[0]}")
     if bad_tokens:
         print(f"warning: {bad_tokens} requests did not report exactly {args.output_len} completion tokens")
+    if no_usage:
+        print(f"note: {no_usage} requests reported no usage; counted as {args.output_len} tokens each")
 
     for conc in sorted({c for c, _ in cells}):
         if (conc, "direct") not in cells:
             continue
-        base = percentile([s.ttft for s in cells[conc, "direct"].samples], 50) * 1e3
+        direct = cells[conc, "direct"]
+        base = percentile([s.ttft for s in direct.samples], 50) * 1e3
         parts = []
         for name in ("pdserve", "sglang"):
             if (conc, name) in cells:
-                p50 = percentile([s.ttft for s in cells[conc, name].samples], 50) * 1e3
-                parts.append(f"{DOOR_LABEL[name].split()[0]} {p50 - base:+.1f} ms ({p50 / base:.2f}x)")
+                cell = cells[conc, name]
+                p50 = percentile([s.ttft for s in cell.samples], 50) * 1e3
+                # the same difference per round (each round runs every door back to back): its spread is the noise
+                diffs = [(a - b) * 1e3 for a, b in zip(cell.round_ttft_p50, direct.round_ttft_p50, strict=True)]
+                parts.append(
+                    f"{DOOR_LABEL[name].split()[0]} {p50 - base:+.1f} ms ({p50 / base:.2f}x; "
+                    f"rounds {min(diffs):+.0f}..{max(diffs):+.0f} ms)"
+                )
             elif name in wanted:
                 parts.append(f"{DOOR_LABEL[name].split()[0]} n/a")
         if parts:

@@ -100,7 +100,9 @@ class Stack:
         port = free_port()
         args = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
                 "--prefill", self.prefill_url, str(self.bootstrap_port), "--decode", self.decode_url,
-                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+                "--host", "127.0.0.1", "--port", str(port),
+                # its metrics exporter defaults to a fixed port: two of them on one machine would collide
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]  # fmt: skip
         proc = Proc("sglang-router", args, self.log_dir)
         self.procs.append(proc)
         url = f"http://127.0.0.1:{port}"
