@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="256,1024,4096")
     ap.add_argument("--ratios", default="0.25,0.5,1,2", help="T/C values to emulate")
     ap.add_argument("--concurrency", type=int, default=8, help="requests in the batch of the 1K-token row")
-    ap.add_argument("--repeats", type=int, default=1, help="median of this many runs per cell")
+    ap.add_argument("--repeats", type=int, default=2, help="median of this many runs per cell (order alternates)")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     ratios = [float(x) for x in args.ratios.split(",")]
@@ -152,9 +152,13 @@ def main() -> None:
             for ratio in ratios if count == 1 else [1.0]:
                 t = ratio * c
                 gbps = kv_bytes * 8 / (t * 1e9)
-                w = statistics.median(statistics.mean(bench.ttft(prompts, whole, gbps)[0]) for _ in range(args.repeats))
-                p_runs = [bench.ttft(prompts, piped, gbps) for _ in range(args.repeats)]
-                p = statistics.median(statistics.mean(r[0]) for r in p_runs)
+                w_runs, p_runs = [], []
+                for r in range(args.repeats):
+                    # alternate which variant goes first, so warm state and drift favour neither
+                    for variant in ((whole, piped) if r % 2 == 0 else (piped, whole)):
+                        (w_runs if variant is whole else p_runs).append(bench.ttft(prompts, variant, gbps))
+                w = statistics.median(statistics.mean(run[0]) for run in w_runs)
+                p = statistics.median(statistics.mean(run[0]) for run in p_runs)
                 n = p_runs[0][1]
                 bound = max(c + t / n, c / n + t)
                 eff = (w - p) / (w - bound) if n > 1 and w > bound else float("nan")

@@ -208,3 +208,16 @@ def test_client_disconnect_aborts_on_both_servers(stack):
         time.sleep(0.2)
     else:
         raise AssertionError(f"request still running after the client left: loads {loads}, {stack.kv_pages_used()}")
+
+
+def test_server_endpoints(stack):
+    for url in (stack.prefill_url, stack.decode_url):
+        # a real tiny generation on the server alone, no bootstrap fields
+        assert httpx.get(f"{url}/health_generate", timeout=60).status_code == 200
+        assert httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"] == MODEL
+        assert httpx.get(f"{url}/get_load", timeout=5).json() == {"load": 0}
+        for path in ("/server_info", "/get_server_info", "/model_info", "/get_model_info"):
+            assert httpx.get(f"{url}{path}", timeout=5).status_code == 200, path
+    assert httpx.get(f"{stack.router_url}/health", timeout=5).status_code == 200
+    text = httpx.get(f"{stack.router_url}/metrics", timeout=5).text
+    assert "pdserve_time_to_first_token_seconds" in text
