@@ -120,17 +120,6 @@ class DecodeTransferManager(TransferManager):
         self._bootstrapper.submit(self._bootstrap, room)
         return KVReceiver(self, room)
 
-    def live_rooms(self) -> int:
-        with self._lock:
-            return len(self._rooms)
-
-    def _room(self, room: int) -> _Room:
-        with self._lock:
-            r = self._rooms.get(room)
-        if r is None:
-            raise KeyError(f"room {room} is not live")
-        return r
-
     def _safe_to_free(self, room: int) -> bool:
         with self._lock:
             r = self._room(room)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import zmq
 
@@ -66,10 +67,22 @@ class TransferManager:
         self._send_lock = threading.Lock()
 
         self._lock = threading.RLock()
+        self._rooms: dict[int, Any] = {}  # room -> the side's per-room record
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._spawn(self._recv_loop, "recv")
         self._spawn(self._tick_loop, "tick")
+
+    def live_rooms(self) -> int:
+        with self._lock:
+            return len(self._rooms)
+
+    def _room(self, room: int) -> Any:
+        with self._lock:
+            r = self._rooms.get(room)
+        if r is None:
+            raise KeyError(f"room {room} is not live")
+        return r
 
     # -- threads --------------------------------------------------------------------------------------
 

@@ -170,17 +170,6 @@ class PrefillTransferManager(TransferManager):
                 self._accept_info(r, info)
         return KVSender(self, room)
 
-    def live_rooms(self) -> int:
-        with self._lock:
-            return len(self._rooms)
-
-    def _room(self, room: int) -> _Room:
-        with self._lock:
-            r = self._rooms.get(room)
-        if r is None:
-            raise KeyError(f"room {room} is not live")
-        return r
-
     def _enqueue(self, chunk: _Chunk) -> None:
         with self._lock:
             r = self._room(chunk.room)
