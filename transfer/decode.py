@@ -18,7 +18,7 @@ from engine.kvcache import KVPool
 from transfer.aux import AuxBuffer, AuxRow
 from transfer.bootstrap import BootstrapError, LayoutMismatch, check_layout, fetch_route, health
 from transfer.config import TransferConfig
-from transfer.manager import DuplicateRoomError, TransferManager, now
+from transfer.manager import DuplicateRoomError, RoomHandle, TransferManager, now
 from transfer.protocol import Abort, AbortAck, Message, Registration, Status, TransferInfo, TransferState
 from transfer.state import RoomState
 
@@ -50,19 +50,10 @@ class _Room:
     last_error: str = ""  # why bootstrapping has not succeeded yet
 
 
-class KVReceiver:
+class KVReceiver(RoomHandle):
     """The decode scheduler's handle on one room."""
 
-    def __init__(self, manager: DecodeTransferManager, room: int) -> None:
-        self.manager = manager
-        self.room = room
-
-    def poll(self) -> TransferState:
-        return self.manager._room(self.room).state.state
-
-    @property
-    def error(self) -> str:
-        return self.manager._room(self.room).state.error
+    manager: DecodeTransferManager
 
     def result(self) -> AuxRow:
         """The first token etc., valid once poll() is SUCCESS."""

@@ -18,7 +18,7 @@ from engine.kvcache import KVPool
 from transfer.aux import AuxBuffer
 from transfer.backends import BackendSettings, MemoryRegion, create_backend
 from transfer.config import TransferConfig
-from transfer.protocol import Message, ProtocolError, decode, encode
+from transfer.protocol import Message, ProtocolError, TransferState, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,21 @@ _TICK_S = 0.02
 
 class DuplicateRoomError(ValueError):
     """A bootstrap_room that is still live on this side."""
+
+
+class RoomHandle:
+    """What a scheduler holds for one room: its state and error, read through the owning manager."""
+
+    def __init__(self, manager: TransferManager, room: int) -> None:
+        self.manager = manager
+        self.room = room
+
+    def poll(self) -> TransferState:
+        return self.manager._room(self.room).state.state
+
+    @property
+    def error(self) -> str:
+        return self.manager._room(self.room).state.error
 
 
 def kv_regions(pool: KVPool) -> list[MemoryRegion]:

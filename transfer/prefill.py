@@ -22,7 +22,7 @@ from transfer.aux import AuxBuffer, AuxRow
 from transfer.backends import Copy, MemoryRegion, Status, TransferError
 from transfer.bootstrap import RankInfo, register_rank
 from transfer.config import TransferConfig
-from transfer.manager import DuplicateRoomError, TransferManager, now
+from transfer.manager import DuplicateRoomError, RoomHandle, TransferManager, now
 from transfer.planner import aux_region, layer_copies, merge_runs
 from transfer.protocol import Abort, AbortAck, Message, Registration, TransferInfo, TransferState
 from transfer.protocol import Status as StatusMsg
@@ -70,19 +70,10 @@ class _Room:
     first_submit: float = 0.0
 
 
-class KVSender:
+class KVSender(RoomHandle):
     """The prefill scheduler's handle on one room."""
 
-    def __init__(self, manager: PrefillTransferManager, room: int) -> None:
-        self.manager = manager
-        self.room = room
-
-    def poll(self) -> TransferState:
-        return self.manager._room(self.room).state.state
-
-    @property
-    def error(self) -> str:
-        return self.manager._room(self.room).state.error
+    manager: PrefillTransferManager
 
     @property
     def ready(self) -> bool:
