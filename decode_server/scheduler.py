@@ -138,6 +138,8 @@ class DecodeScheduler(SchedulerLoop):
                 del self.receiving[rid]
                 self.engine.admit_prefilled(p.req, row.first_token, row.logprob)
                 self.emit(p.req, self.logprobs.get(rid, False))
+                if p.req.finished:  # a one-token request ends with the prefill's token
+                    self.logprobs.pop(rid, None)
                 worked = True
             elif state == TransferState.FAILED:
                 del self.receiving[rid]
