@@ -53,5 +53,13 @@ fi
 say "installing pdserve and its dependencies"
 pip install -e ".[dev,mooncake,nixl]"
 
+# checkov (manifest checks in the tests) pins packaging<24, which the test stack cannot share: own venv.
+TOOLS=.venv-tools
+if [ ! -x "$TOOLS/bin/checkov" ]; then
+    say "installing checkov into $TOOLS"
+    "$PY" -m venv "$TOOLS"
+    "$TOOLS/bin/python" -m pip --disable-pip-version-check -q install "checkov==3.3.30"
+fi
+
 echo "$want" > "$STAMP"
 say "done"
