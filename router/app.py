@@ -811,4 +811,7 @@ def run_router(cfg: RouterConfig, log_level: str = "warning") -> None:
     import uvicorn
 
     # long keep-alive, as the servers use: benchmark clients hold connections across bursts
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level=log_level, timeout_keep_alive=60)
+    uvicorn.run(
+        create_app(cfg), host=cfg.host, port=cfg.port, log_level=log_level, timeout_keep_alive=60,
+        timeout_graceful_shutdown=5,
+    )  # fmt: skip

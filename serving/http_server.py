@@ -882,4 +882,7 @@ def run_front(cfg: FrontConfig, host: str, port: int) -> None:
     """Serve the front with uvicorn until interrupted."""
     # A keep-alive longer than typical client pool idle times, so the router never reuses a
     # connection the server is just closing.
-    uvicorn.run(create_app(cfg), host=host, port=port, log_level="warning", timeout_keep_alive=60)
+    # a bounded graceful shutdown: SIGTERM must end the server (and so its scheduler) promptly
+    uvicorn.run(
+        create_app(cfg), host=host, port=port, log_level="warning", timeout_keep_alive=60, timeout_graceful_shutdown=5
+    )

@@ -40,7 +40,21 @@ class ServerSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _exit_with_parent() -> None:
+    """The scheduler must not outlive its front: if the front is killed (SIGKILL leaves it no `finally`),
+    nothing else would stop this process and its KV pool."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 def _scheduler_main(settings: ServerSettings, ipc_in: str, ipc_out: str) -> None:
+    _exit_with_parent()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from engine.engine import Engine
 
