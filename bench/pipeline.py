@@ -48,7 +48,7 @@ class Bench:
         self.decode = PeerProc(
             role="decode", backend=backend, num_layers=layout.num_layers, page_size=layout.page_size,
             num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, num_pages=pages,
-            dtype=str(layout.dtype).removeprefix("torch."),
+            dtype=layout.dtype_name,
         )  # fmt: skip
         self.room = 0
         self.bytes_per_token = self.engine.model_config.kv_bytes_per_token

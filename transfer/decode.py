@@ -89,7 +89,7 @@ class DecodeTransferManager(TransferManager):
         self.layout = {
             "tp_size": cfg.tp_size,
             "page_size": layout.page_size,
-            "kv_dtype": str(layout.dtype).removeprefix("torch."),
+            "kv_dtype": layout.dtype_name,
             "num_layers": layout.num_layers,
             "num_kv_heads": layout.num_kv_heads,
             "head_dim": layout.head_dim,

@@ -140,7 +140,7 @@ class PrefillTransferManager(TransferManager):
                     rank_ip=cfg.host,
                     rank_port=self.zmq_port,
                     page_size=layout.page_size,
-                    kv_dtype=str(layout.dtype).removeprefix("torch."),
+                    kv_dtype=layout.dtype_name,
                     num_layers=layout.num_layers,
                     num_kv_heads=layout.num_kv_heads,
                     head_dim=layout.head_dim,

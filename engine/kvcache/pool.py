@@ -25,6 +25,11 @@ class KVLayout:
     dtype: torch.dtype
 
     @property
+    def dtype_name(self) -> str:
+        """ "bfloat16", "float32", ...: how the layout's dtype is named on the wire (bootstrap layout check)."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def page_bytes(self) -> int:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return self.page_size * self.num_kv_heads * self.head_dim * itemsize
