@@ -26,7 +26,7 @@ class KVLayout:
 
     @property
     def dtype_name(self) -> str:
-        """ "bfloat16", "float32", ...: how the layout's dtype is named on the wire (bootstrap layout check)."""
+        """The dtype's wire name ("bfloat16", "float32", ...), as the bootstrap layout check compares it."""
         return str(self.dtype).removeprefix("torch.")
 
     @property
