@@ -25,8 +25,8 @@ import torch
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling import SamplingParams
+from harness.peer_proc import PeerProc
 from prefill_server.forward import prefill_and_send
-from tests.transfer_procs import PeerProc
 from transfer.bootstrap import BootstrapServer
 from transfer.config import TransferConfig
 from transfer.planner import PipelineSettings

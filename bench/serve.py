@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.builtin import resolve_model
 from engine.tokenizer import Tokenizer
-from tests.serving_procs import MODEL, Stack
+from harness.stack import MODEL, Stack
 
 DOORS = ("pdserve", "sglang", "direct")
 DOOR_LABEL = {"pdserve": "pdserve router", "sglang": "sglang-router", "direct": "direct"}

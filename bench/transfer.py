@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.transfer_procs import PeerProc
+from harness.peer_proc import PeerProc
 
 
 def progress(msg: str) -> None:

@@ -13,11 +13,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from contracts.metrics import count_failure, get_metrics
 from engine.engine import Engine
 from engine.request import FinishReason, Request
 from engine.sampling import SamplingParams
 from serving.ipc import GenerateRequest, SchedulerStats
-from serving.metrics import count_failure, get_metrics
 from serving.scheduler_loop import SchedulerLoop
 from transfer.config import TransferConfig
 from transfer.decode import DecodeTransferManager, KVReceiver

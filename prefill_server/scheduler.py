@@ -15,12 +15,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from contracts.metrics import count_failure, get_metrics
 from engine.engine import Engine
 from engine.request import Request
 from engine.sampling import SamplingParams
 from prefill_server.forward import prefill_and_send
 from serving.ipc import GenerateRequest, RequestOutput, SchedulerStats
-from serving.metrics import count_failure, get_metrics
 from serving.scheduler_loop import SchedulerLoop
 from transfer.bootstrap import BootstrapServer
 from transfer.config import TransferConfig

@@ -1,4 +1,4 @@
-"""The router's only contact with metrics. Definitions live in `serving.metrics` (one home for every metric name,
+"""The router's only contact with metrics. Definitions live in `contracts.metrics` (one home for every metric name,
 bucket list and label value); the router records them with role="router".
 
 Recorded: TTFT (request arrival → first content-carrying chunk of D's stream; streams only), e2e latency (requests
@@ -8,8 +8,8 @@ in flight (pdserve_running_requests).
 
 from __future__ import annotations
 
-from serving.metrics import get_metrics, status_label
-from serving.metrics import render as _render
+from contracts.metrics import get_metrics, status_label
+from contracts.metrics import render as _render
 
 ROLE = "router"
 

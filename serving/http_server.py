@@ -41,12 +41,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from contracts.metrics import get_metrics, render, setup_multiprocess, status_label
 from engine.sampling import SamplingParams
 from engine.tokenizer import Tokenizer
 from serving import api
 from serving.api import APIError, ParsedRequest, PromptResult
 from serving.ipc import AbortRequest, GenerateRequest, IpcMessage, Ready, RequestOutput, SchedulerStats, pack, unpack
-from serving.metrics import get_metrics, render, setup_multiprocess, status_label
 
 logger = logging.getLogger("pdserve.front")
 

@@ -79,7 +79,7 @@ def run_server(settings: ServerSettings) -> None:
     run_dir = Path(tempfile.mkdtemp(prefix=f"pdserve-{settings.role}-"))
     metrics_dir = run_dir / "metrics"
     metrics_dir.mkdir()
-    from serving.metrics import setup_multiprocess
+    from contracts.metrics import setup_multiprocess
 
     setup_multiprocess(str(metrics_dir), clear=True)  # inherited by the child through the environment
     ipc_in, ipc_out = f"ipc://{run_dir}/to-scheduler", f"ipc://{run_dir}/from-scheduler"

@@ -9,7 +9,7 @@
 - Dashboard structure: `${datasource}` everywhere, unique ids, a sane grid, `$__rate_interval`,
   every expression parses (promtool).
 - Against a real local stack (router + prefill + decode, Mooncake): every `pdserve_*` name that a
-  rule or panel queries is defined in serving/metrics.py and appears in the stack's real /metrics;
+  rule or panel queries is defined in contracts/metrics.py and appears in the stack's real /metrics;
   and a real Prometheus scraping the stack evaluates the TTFT p99 recording rule to a number.
 """
 
@@ -30,7 +30,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.serving_procs import MODEL, Stack, free_port
+from harness.stack import MODEL, Stack, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -43,7 +43,7 @@ SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "k8s-schemas"
 
 # Counters that only get a sample once the event happens (prometheus_client exports a labelled
 # metric only after its first labels() call), so a healthy local stack cannot show them. They must
-# still be defined in serving/metrics.py.
+# still be defined in contracts/metrics.py.
 EVENT_ONLY = {"pdserve_kv_transfer_failures_total"}
 
 
@@ -126,7 +126,7 @@ def _family(sample_name: str, histograms: set[str]) -> str:
 
 
 def _defined_sample_names() -> tuple[set[str], set[str]]:
-    """(sample names serving/metrics.py can export, its histogram names), from the real definitions."""
+    """(sample names contracts/metrics.py can export, its histogram names), from the real definitions."""
     from serving import metrics as sm
 
     # registry=None objects (what multiprocess mode builds): nothing is registered globally.
@@ -297,7 +297,7 @@ def test_dashboard_expressions_parse(tmp_path):
 
 def test_queried_metrics_are_defined_in_serving_metrics():
     defined, _ = _defined_sample_names()
-    assert _queried_names() - defined == set(), "queried metrics that serving/metrics.py does not define"
+    assert _queried_names() - defined == set(), "queried metrics that contracts/metrics.py does not define"
 
 
 # --------------------------------------------------------------------------- against a real stack
@@ -341,7 +341,7 @@ def test_queried_metrics_exist_in_real_metrics(stack):
     )
     not_seen = sorted(queried & EVENT_ONLY - live)
     if not_seen:
-        print(f"event-only metrics not exercised by a healthy stack (checked against serving/metrics.py): {not_seen}")
+        print(f"event-only metrics not exercised by a healthy stack (checked against contracts/metrics.py): {not_seen}")
 
 
 def _query(prom: str, expr: str) -> list[dict]:

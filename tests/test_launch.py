@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from tests.serving_procs import free_port
+from harness.stack import free_port
 
 
 def test_launch_serves_and_stops_cleanly():

@@ -1,4 +1,4 @@
-"""serving.metrics: multiprocess aggregation across real processes, lazy creation, promtool validity."""
+"""contracts.metrics: multiprocess aggregation across real processes, lazy creation, promtool validity."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving import metrics as M
+from contracts import metrics as M
 
 
 def _record(multiproc_dir: str, running: int, ttft: float, n_ok: int) -> None:

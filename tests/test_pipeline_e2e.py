@@ -14,10 +14,10 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.kvcache.pool import KVLayout
 from engine.sampling import SamplingParams
+from harness.peer_proc import PeerProc
+from harness.stack import Stack
 from prefill_server.forward import prefill_and_send
-from tests.serving_procs import Stack
 from tests.test_serving_e2e import PROMPTS, reference  # noqa: F401 (fixture)
-from tests.transfer_procs import PeerProc
 from transfer.bootstrap import BootstrapServer
 from transfer.config import Timeouts, TransferConfig
 from transfer.planner import PipelineSettings

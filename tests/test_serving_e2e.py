@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from engine.builtin import resolve_model
-from tests.serving_procs import MODEL, Stack
+from harness.stack import MODEL, Stack
 
 BACKENDS = ["mooncake", "nixl"]
 PROMPTS = [

@@ -11,7 +11,7 @@ import time
 import pytest
 import zmq
 
-from tests.transfer_procs import PeerProc
+from harness.peer_proc import PeerProc
 
 BACKENDS = ["mooncake", "nixl"]
 TIMEOUTS = dict(bootstrap=3, waiting_for_input=3, transferring=3, abort_ack=3, heartbeat_interval=0.2,

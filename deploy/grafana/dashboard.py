@@ -5,7 +5,7 @@
 
 Plain Python (standard library only), so it runs anywhere the tests do. Every query goes through the
 `${datasource}` template variable and uses `$__rate_interval`; `$role` filters by pdserve's `role`
-label (router | prefill | decode). Metric names are those of serving/metrics.py; the test
+label (router | prefill | decode). Metric names are those of contracts/metrics.py; the test
 tests/test_deploy_observability.py checks each `pdserve_*` name queried here against the /metrics of
 a real local stack, checks that every expression parses (promtool), and that this file regenerates
 the committed JSON exactly. Import the JSON into Grafana (>= 10.4), or ship it as a ConfigMap

@@ -2,7 +2,7 @@
 benchmarks). It behaves like a server would: pages are reserved per room and freed only when the
 transfer layer says no write can still touch them.
 
-    python tests/transfer_peer.py '{"role": "prefill", "backend": "mooncake", ...}'
+    python harness/transfer_peer.py '{"role": "prefill", "backend": "mooncake", ...}'
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every Prometheus metric pdserve exports, defined in one place (DESIGN §5).
+"""Every Prometheus metric pdserve exports, defined in one place (DESIGN §5), with its label values.
 
 Names are snake_case with the `pdserve_` prefix; the router, the prefill server and the decode server
 all use these definitions and tell themselves apart with the `role` label.
@@ -13,6 +13,7 @@ order irrelevant. The router is one process and uses the same definitions withou
 
 from __future__ import annotations
 
+import enum
 import glob
 import os
 import shutil
@@ -35,7 +36,12 @@ __all__ = [
     "REQUEST_STATUSES",
     "ROLES",
     "STAGES",
+    "BatchMode",
+    "FailureReason",
     "Metrics",
+    "RequestStatus",
+    "Role",
+    "Stage",
     "get_metrics",
     "mark_process_dead",
     "render",
@@ -45,12 +51,53 @@ __all__ = [
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-# Allowed label values. Kept here so dashboards, alert rules and code agree on one spelling.
-ROLES = ("router", "prefill", "decode")
-STAGES = ("bootstrap", "wait_for_input", "prefill_forward", "kv_transfer", "decode_admit")
-FAILURE_REASONS = ("failed", "aborted", "timed_out")
-REQUEST_STATUSES = ("ok", "client_error", "server_error", "aborted")
-BATCH_MODES = ("pipelined", "whole")
+# Allowed label values, as enums so that call sites cannot misspell them; dashboards, alert rules and
+# code agree on these spellings. Each is a `str` enum, so a member is its label value.
+
+
+class Role(str, enum.Enum):
+    ROUTER = "router"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class Stage(str, enum.Enum):
+    """Disaggregation stages of pdserve_request_stage_seconds and pdserve_kv_transfer_failures_total."""
+
+    BOOTSTRAP = "bootstrap"
+    WAIT_FOR_INPUT = "wait_for_input"
+    PREFILL_FORWARD = "prefill_forward"
+    KV_TRANSFER = "kv_transfer"
+    DECODE_ADMIT = "decode_admit"
+
+
+class FailureReason(str, enum.Enum):
+    """Why a KV transfer did not succeed. The transfer layer sets it where the failure happens."""
+
+    FAILED = "failed"  # an engine, peer or protocol error
+    ABORTED = "aborted"  # either side aborted the room (client gone, peer abort)
+    TIMED_OUT = "timed_out"  # a state's deadline passed
+
+
+class RequestStatus(str, enum.Enum):
+    """The `status` label of pdserve_requests_total."""
+
+    OK = "ok"
+    CLIENT_ERROR = "client_error"
+    SERVER_ERROR = "server_error"
+    ABORTED = "aborted"
+
+
+class BatchMode(str, enum.Enum):
+    PIPELINED = "pipelined"
+    WHOLE = "whole"
+
+
+ROLES = tuple(m.value for m in Role)
+STAGES = tuple(m.value for m in Stage)
+FAILURE_REASONS = tuple(m.value for m in FailureReason)
+REQUEST_STATUSES = tuple(m.value for m in RequestStatus)
+BATCH_MODES = tuple(m.value for m in BatchMode)
 
 # SLO-friendly latency buckets: dense between 0.1 s and 2 s, where TTFT/ITL SLOs usually sit, and
 # reaching 640 s so that long generations still land in a finite bucket.
@@ -286,15 +333,14 @@ def mark_process_dead(pid: int, multiproc_dir: str | os.PathLike[str] | None = N
 def status_label(http_status: int, aborted: bool = False) -> str:
     """The `status` label of pdserve_requests_total for a request that ended with `http_status`."""
     if aborted:
-        return "aborted"
+        return RequestStatus.ABORTED.value
     if http_status < 400:
-        return "ok"
+        return RequestStatus.OK.value
     if http_status < 500:
-        return "client_error"
-    return "server_error"
+        return RequestStatus.CLIENT_ERROR.value
+    return RequestStatus.SERVER_ERROR.value
 
 
-def count_failure(metrics: Metrics, role: str, stage: str, error: str) -> None:
-    """Count a failed transfer under the reason its error text names (timeouts and aborts apart)."""
-    reason = "timed_out" if "timed out" in error else "aborted" if "abort" in error else "failed"
-    metrics.kv_transfer_failures.labels(role, stage, reason).inc()
+def count_failure(metrics: Metrics, role: Role, stage: Stage, reason: FailureReason) -> None:
+    """Count one failed transfer under the stage it was in and its typed reason."""
+    metrics.kv_transfer_failures.labels(role.value, stage.value, reason.value).inc()
