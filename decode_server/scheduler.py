@@ -3,7 +3,8 @@ then continuous-batching decode with the engine's runner, sampler and stop handl
 
 A request moves: `admitting` (waiting for free pages) → `receiving` (transfer in flight) → the engine's
 running batch → done. Pages of a failed transfer go back only when the transfer layer says no write can
-still land in them (`zombies` holds them until then).
+still land in them (`reaper` holds them until then). Every way a request ends (its last output, `fail`)
+also drops its per-request bookkeeping (`logprobs`), so aborted requests leave nothing behind.
 """
 
 from __future__ import annotations
@@ -13,20 +14,19 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from contracts.metrics import count_failure, get_metrics
+from contracts.metrics import Role, Stage
+from contracts.pd import DEFAULT_BOOTSTRAP_PORT
 from engine.engine import Engine
-from engine.request import FinishReason, Request
+from engine.request import Request
 from engine.sampling import SamplingParams
 from serving.ipc import GenerateRequest, SchedulerStats
 from serving.scheduler_loop import SchedulerLoop
 from transfer.config import TransferConfig
-from transfer.decode import DecodeTransferManager, KVReceiver
+from transfer.decode import DecodeTransferManager, KVReceiver, NoAuxRowFree
 from transfer.manager import DuplicateRoomError
 from transfer.protocol import TransferState
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BOOTSTRAP_PORT = 8998
 
 
 @dataclass
@@ -38,22 +38,21 @@ class _Pending:
 
 
 class DecodeScheduler(SchedulerLoop):
-    role = "decode"
+    role = Role.DECODE
 
     def __init__(self, engine: Engine, transfer_cfg: TransferConfig, ipc_in: str, ipc_out: str) -> None:
         super().__init__(engine, ipc_in, ipc_out)
         self.transfer = DecodeTransferManager(transfer_cfg, engine.pool)
         self.admitting: deque[_Pending] = deque()
         self.receiving: dict[str, _Pending] = {}
-        self.zombies: list[_Pending] = []  # failed transfers whose pages may still be written
-        self.logprobs: dict[str, bool] = {}
-        self.metrics = get_metrics()
+        self.logprobs: dict[str, bool] = {}  # rid -> return_logprob, for every request not yet ended
 
     def on_generate(self, msg: GenerateRequest) -> None:
         try:
             req = self.engine.make_request(msg.input_ids, SamplingParams(**msg.sampling), msg.rid)
         except ValueError as e:
-            self.fail(msg.rid, str(e), 400, len(msg.input_ids))
+            # never admitted, so nothing to forget; `msg.rid` may even be a live request's (a duplicate id)
+            super().fail(msg.rid, str(e), 400, len(msg.input_ids))
             return
         self.logprobs[req.rid] = msg.return_logprob
         if msg.bootstrap_room is None:
@@ -73,7 +72,7 @@ class DecodeScheduler(SchedulerLoop):
         if p is not None:
             assert p.receiver is not None
             p.receiver.abort("aborted by client")
-            self.zombies.append(p)
+            self.reaper.hold(p.req, p.receiver)
             self.fail(rid, "aborted", 499)
             return
         if self.engine.abort(rid):
@@ -82,15 +81,24 @@ class DecodeScheduler(SchedulerLoop):
     def step(self) -> bool:
         worked = self._admit()
         worked |= self._poll_transfers()
-        self._reap_zombies()
+        self.reaper.reap()
         if self.engine.has_work:
             touched = self.engine.step()
             for req in touched:
-                self.emit(req, self.logprobs.get(req.rid, False))
-                if req.finished:
-                    self.logprobs.pop(req.rid, None)
+                self.emit_output(req)
             worked |= bool(touched)
         return worked
+
+    def emit_output(self, req: Request) -> None:
+        """Send what `req` produced; its last output ends its bookkeeping."""
+        self.emit(req, self.logprobs.get(req.rid, False))
+        if req.finished:
+            self.logprobs.pop(req.rid, None)
+
+    def fail(self, rid: str, error: str, status: int, prompt_tokens: int = 0) -> None:
+        # every failure and abort ends here: forget the request with its answer
+        self.logprobs.pop(rid, None)
+        super().fail(rid, error, status, prompt_tokens)
 
     def _admit(self) -> bool:
         worked = False
@@ -113,14 +121,14 @@ class DecodeScheduler(SchedulerLoop):
                 alloc.free(pages)
                 self.fail(p.req.rid, str(e), 400, len(p.req.prompt_ids))
                 continue
-            except RuntimeError as e:  # no aux row free: try again later
+            except NoAuxRowFree as e:  # try again once a room ended
                 alloc.free(pages)
                 p.req.pages = []
                 self.admitting.appendleft(p)
                 log.debug("decode: admission deferred: %s", e)
                 break
             now = time.monotonic()
-            self.metrics.request_stage.labels(self.role, "decode_admit").observe(now - p.since)
+            self.metrics.request_stage.labels(self.role.value, Stage.DECODE_ADMIT.value).observe(now - p.since)
             p.since = now
             self.receiving[p.req.rid] = p
             worked = True
@@ -132,33 +140,18 @@ class DecodeScheduler(SchedulerLoop):
             assert p.receiver is not None
             state = p.receiver.poll()
             if state == TransferState.SUCCESS:
-                self.metrics.kv_transfer_seconds.labels(self.role).observe(time.monotonic() - p.since)
+                self.metrics.kv_transfer_seconds.labels(self.role.value).observe(time.monotonic() - p.since)
                 row = p.receiver.result()
                 p.receiver.release()
                 del self.receiving[rid]
                 self.engine.admit_prefilled(p.req, row.first_token, row.logprob)
-                self.emit(p.req, self.logprobs.get(rid, False))
-                if p.req.finished:  # a one-token request ends with the prefill's token
-                    self.logprobs.pop(rid, None)
+                self.emit_output(p.req)  # a one-token request ends with the prefill's token
                 worked = True
             elif state == TransferState.FAILED:
                 del self.receiving[rid]
-                count_failure(self.metrics, self.role, "kv_transfer", p.receiver.error)
-                self.zombies.append(p)
-                self.fail(rid, f"KV transfer failed: {p.receiver.error}", 500, len(p.req.prompt_ids))
-                self.logprobs.pop(rid, None)
+                self.fail_transfer(p.req, p.receiver, Stage.KV_TRANSFER, "KV transfer failed")
                 worked = True
         return worked
-
-    def _reap_zombies(self) -> None:
-        for p in list(self.zombies):
-            assert p.receiver is not None
-            if p.receiver.safe_to_free():
-                p.receiver.release()
-                self.engine.pool.allocator.free(p.req.pages)
-                p.req.pages = []
-                p.req.finish_reason = FinishReason.ABORT
-                self.zombies.remove(p)
 
     def stats(self) -> SchedulerStats:
         pool = self.engine.pool

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from engine.kvcache import pages_for
+
 
 class ForwardMode(enum.Enum):
     EXTEND = "extend"  # prefill, optionally on top of cached prefix pages
@@ -89,6 +91,6 @@ class ForwardBatch:
     def kv_slots(self, i: int) -> torch.Tensor:
         """Slots of request i's whole sequence (prefix + new tokens), in position order."""
         n = self.prefix_lens[i] + self.extend_lens[i]
-        pages = torch.tensor(self.page_tables[i][: -(-n // self.page_size)], dtype=torch.int64)
+        pages = torch.tensor(self.page_tables[i][: pages_for(n, self.page_size)], dtype=torch.int64)
         offsets = torch.arange(self.page_size, dtype=torch.int64)
         return (pages[:, None] * self.page_size + offsets).flatten()[:n].to(self.device)

@@ -1,9 +1,9 @@
 """Devices, streams and events behind one small abstraction.
 
-The prefill server records an event after each layer group and the transfer worker waits on it before
-reading that group's pages. On CUDA that is a real `torch.cuda.Event` recorded on the compute stream; on
-CPU the forward has finished when the call returns, so the event is born complete. Code written against
-`DeviceEvent` is correct on both.
+The prefill server's layer-pipelined forward records an event after each layer group, and the transfer
+worker (transfer/prefill_worker.py) waits on it before reading that group's pages. On CUDA that is a real
+`torch.cuda.Event` recorded on the compute stream; on CPU the forward has finished when the call returns,
+so the event is born complete. Code written against `DeviceEvent` is correct on both.
 """
 
 from __future__ import annotations

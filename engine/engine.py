@@ -15,8 +15,7 @@ import torch
 from engine.builtin import resolve_model
 from engine.config import EngineConfig, parse_dtype
 from engine.device import resolve_device
-from engine.kvcache import KVPool
-from engine.kvcache.pool import KVLayout
+from engine.kvcache import KVLayout, KVPool
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
 from engine.request import FinishReason, Request, RequestStatus

@@ -1,8 +1,9 @@
 """Runs forward passes of one model over its paged KV pool.
 
 `start_forward(batch)` returns a `LayerwiseForward`: run layer ranges in order, then take logits. The
-whole-forward path is the same object run over all layers at once, so the layer-group path cannot
-drift from it.
+prefill server's layer-pipelined forward (prefill_server/forward.py) runs it one layer group at a time and
+hands each finished group to the transfer layer; the whole-forward path is the same object run over all
+layers at once, so the two paths cannot drift apart.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Continuous-batching scheduler for the colocated engine (and, later, the decode server).
+"""Continuous-batching scheduler of the colocated engine; the decode server runs its requests through it too.
 
 Admission reserves every page a request can ever need (prompt + max_new_tokens) up front, so a running
 request never runs out of KV and nothing has to be preempted: the pool is never over-committed.
@@ -10,14 +10,14 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from engine.batch import ForwardMode
-from engine.kvcache import PageAllocator
+from engine.kvcache import PageAllocator, pages_for
 from engine.request import FinishReason, Request, RequestStatus
 
 
 @dataclass
 class ScheduledBatch:
-    mode: ForwardMode
+    """The requests of the next forward (a prefill batch or the running requests' decode step)."""
+
     requests: list[Request]
 
 
@@ -31,7 +31,7 @@ class Scheduler:
         self.running: list[Request] = []
 
     def pages_needed_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
+        return pages_for(num_tokens, self.page_size)
 
     def pages_needed(self, req: Request) -> int:
         return self.pages_needed_for(req.max_seq_len)
@@ -51,9 +51,9 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         prefill = self._admit()
         if prefill:
-            return ScheduledBatch(ForwardMode.EXTEND, prefill)
+            return ScheduledBatch(prefill)
         if self.running:
-            return ScheduledBatch(ForwardMode.DECODE, self.running[: self.max_batch_size])
+            return ScheduledBatch(self.running[: self.max_batch_size])
         return None
 
     def _admit(self) -> list[Request]:

@@ -23,7 +23,7 @@ from engine.device import CompletedEvent
 from engine.kvcache import KVPool
 from engine.kvcache.pool import KVLayout
 from transfer.aux import AuxRow
-from transfer.backends import Status
+from transfer.backends import WriteStatus
 from transfer.bootstrap import BootstrapServer
 from transfer.config import Timeouts, TransferConfig
 from transfer.decode import DecodeTransferManager
@@ -116,7 +116,8 @@ class Peer:
 
     def cmd_poll(self, room: int) -> dict:
         h = self.handles[room]
-        out = {"state": h.poll().name, "error": h.error, "safe": h.safe_to_free()}
+        reason = h.reason.value if h.reason is not None else None
+        out = {"state": h.poll().name, "error": h.error, "reason": reason, "safe": h.safe_to_free()}
         if self.role == "decode" and out["state"] == "SUCCESS":
             row = h.result()
             out["aux"] = [row.room, row.prompt_len, row.first_token, row.logprob]
@@ -180,11 +181,11 @@ class Peer:
             ok = rc == 0
         else:
             handle = backend.submit_write(info.session, copies)
-            while (status := backend.poll(handle)[0]) == Status.PENDING:
+            while (status := backend.poll(handle)[0]) == WriteStatus.PENDING:
                 if time.perf_counter() - t0 > timeout:
                     raise TimeoutError("raw write did not complete")
             backend.release(handle)
-            ok = status == Status.DONE
+            ok = status == WriteStatus.DONE
         seconds = time.perf_counter() - t0
         if not ok:
             raise RuntimeError("raw write failed")

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+from contracts.pd import DEFAULT_BOOTSTRAP_PORT
 from engine.config import EngineConfig
 from transfer.config import BACKENDS, Timeouts, TransferConfig
 from transfer.planner import PipelineSettings
@@ -106,7 +107,7 @@ def add_server_args(p: argparse.ArgumentParser, role: str, port: int) -> None:
     p.add_argument(
         "--bootstrap-port",
         type=int,
-        default=int(env("BOOTSTRAP_PORT", "8998")),
+        default=int(env("BOOTSTRAP_PORT", str(DEFAULT_BOOTSTRAP_PORT))),
         help="prefill: bootstrap server port; decode: default for requests that give none",
     )
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a silent request fails")
@@ -212,7 +213,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from serving.launch import ServerSettings, run_server
+    from serving.launch import ServerSettings
 
     timeouts = Timeouts(
         bootstrap=args.bootstrap_timeout,
@@ -237,14 +238,18 @@ def cmd_server(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"pdserve {args.role}: error: {e}", file=sys.stderr)
         return 2
-    run_server(
-        ServerSettings(
-            role=args.role, engine=cfg, transfer=transfer, host=args.host, port=args.port,
-            served_model_name=args.served_model_name, bootstrap_port=args.bootstrap_port,
-            request_timeout_s=args.request_timeout, log_level=args.log_level, pipeline=pipeline,
-        )
+    settings = ServerSettings(
+        role=args.role, engine=cfg, transfer=transfer, host=args.host, port=args.port,
+        served_model_name=args.served_model_name, bootstrap_port=args.bootstrap_port,
+        request_timeout_s=args.request_timeout, log_level=args.log_level, pipeline=pipeline,
     )  # fmt: skip
-    return 0
+    if args.role == "prefill":
+        from prefill_server.server import run_prefill
+
+        return run_prefill(settings)
+    from decode_server.server import run_decode
+
+    return run_decode(settings)
 
 
 def cmd_router(args: argparse.Namespace) -> int:

@@ -1,11 +1,11 @@
 """Prefill scheduler: bootstrap queue → prefill batches → KV sends → answer once the transfer ended.
 
 A request waits in `bootstrapping` until decode's transfer info arrived (its `KVSender` is ready), then in
-`waiting` for a batch (token budget, batch size, free pages). A batch runs through the engine's
-layer-range forward: today as one group after which the KV and the aux row go out together (the
-"whole" path); the layer-pipelined path slots in at `_forward` by running several groups, each sent
-after its event. Requests then sit in `inflight` until their transfer succeeded or failed; pages go back
-only when no write can still read them.
+`waiting` for a batch (token budget, batch size, free pages). A batch runs in `forward.prefill_and_send`:
+layer group by layer group, each group's KV handed to the transfer worker as soon as its compute is
+recorded (DESIGN §4), or as one whole forward whose KV and aux row go out together when pipelining does
+not pay. Requests then sit in `inflight` until their transfer succeeded or failed; pages of a failed or
+aborted request go back only when no write can still read them (`reaper`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from contracts.metrics import count_failure, get_metrics
+from contracts.metrics import BatchMode, Role, Stage
 from engine.engine import Engine
 from engine.request import Request
 from engine.sampling import SamplingParams
@@ -43,7 +43,7 @@ class _Job:
 
 
 class PrefillScheduler(SchedulerLoop):
-    role = "prefill"
+    role = Role.PREFILL
 
     def __init__(
         self,
@@ -57,7 +57,6 @@ class PrefillScheduler(SchedulerLoop):
     ) -> None:
         super().__init__(engine, ipc_in, ipc_out)
         self.pipeline = pipeline or PipelineSettings()
-        self.metrics = get_metrics()
         self._bytes_counted = 0
         self.bootstrap = BootstrapServer(bootstrap_host, bootstrap_port).start()
         addr = f"127.0.0.1:{self.bootstrap.port}"
@@ -65,7 +64,6 @@ class PrefillScheduler(SchedulerLoop):
         self.bootstrapping: dict[str, _Job] = {}
         self.waiting: deque[_Job] = deque()
         self.inflight: dict[str, _Job] = {}
-        self.zombies: list[_Job] = []  # failed or aborted: pages held until no write can read them
 
     def info(self) -> dict:
         return {**super().info(), "bootstrap_port": self.bootstrap.port, "transfer_backend": self.transfer.cfg.backend}
@@ -99,7 +97,7 @@ class PrefillScheduler(SchedulerLoop):
             self.waiting.remove(job)
         if job.sender is not None:
             job.sender.abort("aborted by client")
-        self.zombies.append(job)
+        self.reaper.hold(job.req, job.sender)
         self.fail(rid, "aborted", 499, len(job.req.prompt_ids))
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -111,7 +109,7 @@ class PrefillScheduler(SchedulerLoop):
             self._forward(batch)
             worked = True
         worked |= self._poll_inflight()
-        self._reap_zombies()
+        self.reaper.reap()
         return worked
 
     def _poll_bootstrap(self) -> bool:
@@ -122,15 +120,13 @@ class PrefillScheduler(SchedulerLoop):
             if job.sender.ready and state != TransferState.FAILED:
                 del self.bootstrapping[rid]
                 now = time.monotonic()
-                self.metrics.request_stage.labels(self.role, "bootstrap").observe(now - job.since)
+                self.metrics.request_stage.labels(self.role.value, Stage.BOOTSTRAP.value).observe(now - job.since)
                 job.since = now
                 self.waiting.append(job)
                 worked = True
             elif state == TransferState.FAILED:
                 del self.bootstrapping[rid]
-                count_failure(self.metrics, self.role, "bootstrap", job.sender.error)
-                self.zombies.append(job)
-                self.fail(rid, f"bootstrap failed: {job.sender.error}", 500, len(job.req.prompt_ids))
+                self.fail_transfer(job.req, job.sender, Stage.BOOTSTRAP, "bootstrap failed")
                 worked = True
         return worked
 
@@ -159,14 +155,15 @@ class PrefillScheduler(SchedulerLoop):
         rooms = [j.msg.bootstrap_room or 0 for j in batch]
         t0 = time.monotonic()
         for job in batch:
-            self.metrics.request_stage.labels(self.role, "wait_for_input").observe(t0 - job.since)
+            self.metrics.request_stage.labels(self.role.value, Stage.WAIT_FOR_INPUT.value).observe(t0 - job.since)
             if job.msg.arrival_time:
-                self.metrics.queue_time.labels(self.role).observe(max(0.0, time.time() - job.msg.arrival_time))
+                self.metrics.queue_time.labels(self.role.value).observe(max(0.0, time.time() - job.msg.arrival_time))
         sample, groups = prefill_and_send(self.engine, reqs, senders, rooms, self.pipeline)
         t1 = time.monotonic()
-        self.metrics.prefill_batches.labels("pipelined" if len(groups) > 1 else "whole").inc()
+        mode = BatchMode.PIPELINED if len(groups) > 1 else BatchMode.WHOLE
+        self.metrics.prefill_batches.labels(mode.value).inc()
         for job in batch:
-            self.metrics.request_stage.labels(self.role, "prefill_forward").observe(t1 - t0)
+            self.metrics.request_stage.labels(self.role.value, Stage.PREFILL_FORWARD.value).observe(t1 - t0)
             job.since = t1
         for job, token, logprob in zip(batch, sample.token_ids.tolist(), sample.logprobs.tolist(), strict=True):
             job.token, job.logprob = token, logprob
@@ -174,7 +171,8 @@ class PrefillScheduler(SchedulerLoop):
                 self._answer(job)
                 self.engine.pool.allocator.free(job.req.pages)
             elif job.sender.poll() == TransferState.FAILED:  # aborted or timed out while computing
-                self.zombies.append(job)
+                # not counted as a transfer failure here (it never was); its pages wait like any other's
+                self.reaper.hold(job.req, job.sender)
                 self.fail(job.req.rid, f"KV transfer failed: {job.sender.error}", 500, len(job.req.prompt_ids))
             else:
                 self.inflight[job.req.rid] = job
@@ -187,17 +185,15 @@ class PrefillScheduler(SchedulerLoop):
             if state == TransferState.SUCCESS:
                 del self.inflight[rid]
                 elapsed = time.monotonic() - job.since
-                self.metrics.request_stage.labels(self.role, "kv_transfer").observe(elapsed)
-                self.metrics.kv_transfer_seconds.labels(self.role).observe(elapsed)
+                self.metrics.request_stage.labels(self.role.value, Stage.KV_TRANSFER.value).observe(elapsed)
+                self.metrics.kv_transfer_seconds.labels(self.role.value).observe(elapsed)
                 self._answer(job)
                 job.sender.release()
                 self.engine.pool.allocator.free(job.req.pages)
                 worked = True
             elif state == TransferState.FAILED:
                 del self.inflight[rid]
-                count_failure(self.metrics, self.role, "kv_transfer", job.sender.error)
-                self.zombies.append(job)
-                self.fail(rid, f"KV transfer failed: {job.sender.error}", 500, len(job.req.prompt_ids))
+                self.fail_transfer(job.req, job.sender, Stage.KV_TRANSFER, "KV transfer failed")
                 worked = True
         return worked
 
@@ -216,21 +212,11 @@ class PrefillScheduler(SchedulerLoop):
             )
         )
 
-    def _reap_zombies(self) -> None:
-        for job in list(self.zombies):
-            if job.sender is None or job.sender.safe_to_free():
-                if job.sender is not None:
-                    job.sender.release()
-                if job.req.pages:
-                    self.engine.pool.allocator.free(job.req.pages)
-                    job.req.pages = []
-                self.zombies.remove(job)
-
     def step(self) -> bool:
         worked = self._step()
         sent = self.transfer.bytes_total
         if sent > self._bytes_counted:
-            self.metrics.kv_transfer_bytes.labels(self.role).inc(sent - self._bytes_counted)
+            self.metrics.kv_transfer_bytes.labels(self.role.value).inc(sent - self._bytes_counted)
             self._bytes_counted = sent
         return worked
 

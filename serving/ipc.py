@@ -3,20 +3,35 @@
 The front never runs model work: it validates and tokenizes, sends `GenerateRequest`, and turns the
 `RequestOutput`s that come back into HTTP responses. The scheduler pushes `SchedulerStats` periodically
 (for /get_load, /server_info and gauges) and one `Ready` once the model is loaded.
+
+The channel is one `contracts.codec.Codec` ("ipc", version 1), so both processes reject a message of
+another version, an unknown type or a mistyped field with `CodecError` instead of acting on it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
-import msgpack
+from contracts.codec import Codec, CodecError, Record
+
+__all__ = [
+    "CODEC",
+    "AbortRequest",
+    "CodecError",
+    "GenerateRequest",
+    "IpcMessage",
+    "Ready",
+    "RequestOutput",
+    "SchedulerStats",
+    "pack",
+    "unpack",
+]
 
 
 @dataclass
-class IpcMessage:
-    TYPE: ClassVar[str] = ""
+class IpcMessage(Record):
+    """Base of the front <-> scheduler records (a `Record` of this channel's codec)."""
 
 
 @dataclass
@@ -82,17 +97,13 @@ class Ready(IpcMessage):
     info: dict[str, Any]
 
 
-_TYPES: dict[str, type[IpcMessage]] = {
-    c.TYPE: c for c in (GenerateRequest, AbortRequest, RequestOutput, SchedulerStats, Ready)
-}
+CODEC = Codec("ipc", 1, (GenerateRequest, AbortRequest, RequestOutput, SchedulerStats, Ready))
 
 
 def pack(msg: IpcMessage) -> bytes:
-    body = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
-    return msgpack.packb({"type": msg.TYPE, **body}, use_bin_type=True)
+    return CODEC.encode(msg)
 
 
 def unpack(data: bytes) -> IpcMessage:
-    raw = msgpack.unpackb(data, raw=False)
-    cls = _TYPES[raw.pop("type")]
-    return cls(**raw)
+    """The message in `data`; raises `CodecError` for anything that is not a valid message of this channel."""
+    return cast(IpcMessage, CODEC.decode(data))

@@ -2,6 +2,15 @@
 
 The child loads the model and the transfer engine; the front answers /health with 503 until the child
 says it is ready. If the child dies, the front exits too, so a supervisor (or `pdserve launch`) sees it.
+
+Which scheduler runs is passed in (`make_scheduler`, owned by each server package), so `serving` never
+imports a server: imports run server → serving, never back.
+
+Each run keeps its IPC sockets and metric files in a private `pdserve-<role>-*` temp directory, removed on
+exit. On SIGTERM uvicorn shuts down gracefully and then re-raises the signal; with the default handler
+that killed the process before any `finally`, leaving the directory behind. `run_server` therefore turns
+SIGTERM into an exception, cleans up, and returns an exit status: 0 after a SIGTERM, 1 when the scheduler
+died (the front then stops itself the same way).
 """
 
 from __future__ import annotations
@@ -14,13 +23,20 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
+from contracts.pd import DEFAULT_BOOTSTRAP_PORT
 from engine.config import EngineConfig, ModelConfig
 from transfer.config import TransferConfig
 from transfer.planner import PipelineSettings
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+    from serving.scheduler_loop import SchedulerLoop
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +49,24 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 30000
     served_model_name: str = ""
-    bootstrap_port: int = 8998  # prefill: where its bootstrap server listens; decode: default for requests
+    bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT  # prefill: where its bootstrap server listens; decode: default
     request_timeout_s: float = 600.0
     log_level: str = "warning"
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# Builds the scheduler in the child process: (engine, settings, ipc_to_scheduler, ipc_from_scheduler). It must
+# be a module-level function: the child is spawned, so it is pickled by reference.
+MakeScheduler = Callable[["Engine", ServerSettings, str, str], "SchedulerLoop"]
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived (BaseException: no `except Exception` on the way may swallow it)."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated(signum)
 
 
 def _exit_with_parent() -> None:
@@ -53,76 +82,90 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
-def _scheduler_main(settings: ServerSettings, ipc_in: str, ipc_out: str) -> None:
+def _scheduler_main(settings: ServerSettings, make_scheduler: MakeScheduler, ipc_in: str, ipc_out: str) -> None:
     _exit_with_parent()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from engine.engine import Engine
 
-    engine = Engine(settings.engine)
-    if settings.role == "prefill":
-        from prefill_server.scheduler import PrefillScheduler
-
-        loop = PrefillScheduler(
-            engine, settings.transfer, ipc_in, ipc_out, settings.bootstrap_port, pipeline=settings.pipeline
-        )
-    else:
-        from decode_server.scheduler import DecodeScheduler
-
-        loop = DecodeScheduler(engine, settings.transfer, ipc_in, ipc_out)
-    loop.run()
+    make_scheduler(Engine(settings.engine), settings, ipc_in, ipc_out).run()
 
 
-def run_server(settings: ServerSettings) -> None:
+def run_server(settings: ServerSettings, make_scheduler: MakeScheduler) -> int:
+    """Serve until SIGTERM or the scheduler dies, then return the exit status; call from the main thread.
+    Leaves no temp files."""
+    crashed = threading.Event()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        _serve(settings, make_scheduler, crashed)
+    except _Terminated:
+        log.info("%s server stopped", settings.role)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 1 if crashed.is_set() else 0
+
+
+def _serve(settings: ServerSettings, make_scheduler: MakeScheduler, crashed: threading.Event) -> None:
     from engine.builtin import resolve_model
 
     model_dir = resolve_model(settings.engine.model)  # generate a built-in model once, before the child races
     run_dir = Path(tempfile.mkdtemp(prefix=f"pdserve-{settings.role}-"))
-    metrics_dir = run_dir / "metrics"
-    metrics_dir.mkdir()
-    from contracts.metrics import setup_multiprocess
-
-    setup_multiprocess(str(metrics_dir), clear=True)  # inherited by the child through the environment
-    ipc_in, ipc_out = f"ipc://{run_dir}/to-scheduler", f"ipc://{run_dir}/from-scheduler"
-
-    ctx = mp.get_context("spawn")
-    child = ctx.Process(target=_scheduler_main, args=(settings, ipc_in, ipc_out), name=f"{settings.role}-scheduler")
-    child.start()
-
-    def watch() -> None:
-        child.join()
-        if not stopping.is_set():
-            log.error("%s scheduler exited (code %s); shutting the server down", settings.role, child.exitcode)
-            os.kill(os.getpid(), signal.SIGTERM)
-
+    child: mp.process.BaseProcess | None = None
     stopping = threading.Event()
-    threading.Thread(target=watch, daemon=True).start()
-
-    from serving.http_server import FrontConfig, run_front
-
-    cfg = ModelConfig.from_pretrained(model_dir)
-    context = min(settings.engine.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    front = FrontConfig(
-        role=settings.role,
-        ipc_to_scheduler=ipc_in,
-        ipc_from_scheduler=ipc_out,
-        model_dir=str(model_dir),
-        served_model_name=settings.served_model_name or settings.engine.model,
-        context_length=context,
-        default_bootstrap_port=settings.bootstrap_port,
-        request_timeout_s=settings.request_timeout_s,
-        server_args=_server_args(settings),
-        prometheus_multiproc_dir=str(metrics_dir),
-    )
     try:
+        metrics_dir = run_dir / "metrics"
+        metrics_dir.mkdir()
+        from contracts.metrics import setup_multiprocess
+
+        setup_multiprocess(str(metrics_dir), clear=True)  # inherited by the child through the environment
+        ipc_in, ipc_out = f"ipc://{run_dir}/to-scheduler", f"ipc://{run_dir}/from-scheduler"
+
+        ctx = mp.get_context("spawn")
+        child = ctx.Process(
+            target=_scheduler_main,
+            args=(settings, make_scheduler, ipc_in, ipc_out),
+            name=f"{settings.role}-scheduler",
+        )
+        child.start()
+        watch = threading.Thread(target=_watch_child, args=(child, stopping, crashed, settings.role), daemon=True)
+        watch.start()
+
+        from serving.front import FrontConfig, run_front
+
+        cfg = ModelConfig.from_pretrained(model_dir)
+        context = min(settings.engine.context_length or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        front = FrontConfig(
+            role=settings.role,
+            ipc_to_scheduler=ipc_in,
+            ipc_from_scheduler=ipc_out,
+            model_dir=str(model_dir),
+            served_model_name=settings.served_model_name or settings.engine.model,
+            context_length=context,
+            default_bootstrap_port=settings.bootstrap_port,
+            request_timeout_s=settings.request_timeout_s,
+            server_args=_server_args(settings),
+            prometheus_multiproc_dir=str(metrics_dir),
+        )
         run_front(front, settings.host, settings.port)
     finally:
+        # A second SIGTERM must not cut the cleanup short; it is bounded by the joins below.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stopping.set()
-        if child.is_alive():
+        if child is not None and child.is_alive():
             child.terminate()
             child.join(timeout=10)
             if child.is_alive():
                 child.kill()
+                child.join(timeout=5)
+        # after the child is gone: it writes metric files here until it exits
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _watch_child(child: mp.process.BaseProcess, stopping: threading.Event, crashed: threading.Event, role: str) -> None:
+    child.join()
+    if not stopping.is_set():
+        crashed.set()
+        log.error("%s scheduler exited (code %s); shutting the server down", role, child.exitcode)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _server_args(s: ServerSettings) -> dict[str, Any]:

@@ -2,20 +2,27 @@
 
 It owns the model and the transfer manager, reads `GenerateRequest`/`AbortRequest` from the front, runs
 `step()` whenever there is work, and pushes `RequestOutput`s and periodic `SchedulerStats` back. The two
-servers differ only in `on_generate`, `on_abort` and `step`.
+servers differ only in `on_generate`, `on_abort` and `step`; what they share beyond the loop is here too:
+answering the front (`emit`, `fail`) and giving up on a failed transfer (`fail_transfer`, `reaper`).
+
+A message from the front that does not decode (another protocol version, an unknown type, garbage) is
+logged and dropped: one bad message must not take the scheduler, and every request it holds, down.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import zmq
 
+from contracts.codec import CodecError
+from contracts.metrics import Role, Stage, get_metrics
 from engine.engine import Engine
 from engine.request import Request
 from serving.ipc import AbortRequest, GenerateRequest, IpcMessage, Ready, RequestOutput, SchedulerStats, pack, unpack
+from serving.page_reaper import PageReaper, TransferHandle
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +31,19 @@ _IDLE_WAIT_MS = 2
 
 
 class SchedulerLoop:
-    role = ""
+    role: ClassVar[Role]  # set by each server's subclass; `role.value` is its metric label and log name
 
     def __init__(self, engine: Engine, ipc_to_scheduler: str, ipc_from_scheduler: str) -> None:
         self.engine = engine
+        self.metrics = get_metrics()
+        self.reaper = PageReaper(engine.pool.allocator, self.metrics, self.role)
         self._ctx = zmq.Context()
         self._in = self._ctx.socket(zmq.PULL)
         self._in.connect(ipc_to_scheduler)
         self._out = self._ctx.socket(zmq.PUSH)
         self._out.connect(ipc_from_scheduler)
+        self._poller = zmq.Poller()
+        self._poller.register(self._in, zmq.POLLIN)
         self._sent: dict[str, tuple[int, int]] = {}  # rid -> (tokens, text chars) already sent to the front
         self._last_stats = 0.0
 
@@ -54,7 +65,7 @@ class SchedulerLoop:
     def info(self) -> dict[str, Any]:
         cfg = self.engine.model_config
         return {
-            "role": self.role,
+            "role": self.role.value,
             "architecture": cfg.architecture,
             "num_layers": cfg.num_layers,
             "vocab_size": cfg.vocab_size,
@@ -69,22 +80,38 @@ class SchedulerLoop:
 
     def run(self) -> None:
         self.send(Ready(self.info()))
-        poller = zmq.Poller()
-        poller.register(self._in, zmq.POLLIN)
         while True:
-            while self._in.poll(0):
-                self._dispatch(unpack(self._in.recv()))
-            worked = False
+            self.run_once()
+
+    def run_once(self) -> None:
+        """One turn of the loop: take every waiting message, step, send stats when due, idle briefly."""
+        while self._in.poll(0):
+            data = self._in.recv()
             try:
-                worked = self.step()
-            except Exception:  # keep serving: fail loudly in the log, the requests involved time out or fail
-                log.exception("%s scheduler: step failed", self.role)
-            now = time.monotonic()
-            if now - self._last_stats >= _STATS_EVERY_S:
-                self._last_stats = now
-                self.send(self.stats())
-            if not worked:
-                poller.poll(_IDLE_WAIT_MS)
+                msg = unpack(data)
+            except CodecError as e:
+                log.warning(
+                    "%s scheduler: dropped a bad message from the front (%d bytes): %s", self.role.value, len(data), e
+                )
+                continue
+            self._dispatch(msg)
+        worked = False
+        try:
+            worked = self.step()
+        except Exception:  # keep serving: fail loudly in the log, the requests involved time out or fail
+            log.exception("%s scheduler: step failed", self.role.value)
+        now = time.monotonic()
+        if now - self._last_stats >= _STATS_EVERY_S:
+            self._last_stats = now
+            self.send(self.stats())
+        if not worked:
+            self._poller.poll(_IDLE_WAIT_MS)
+
+    def close(self) -> None:
+        """Close the sockets (the server process simply exits; tests that build a loop call this)."""
+        self._in.close(linger=0)
+        self._out.close(linger=0)
+        self._ctx.term()
 
     def _dispatch(self, msg: IpcMessage) -> None:
         try:
@@ -92,8 +119,10 @@ class SchedulerLoop:
                 self.on_generate(msg)
             elif isinstance(msg, AbortRequest):
                 self.on_abort(msg.rid)
+            else:
+                log.warning("%s scheduler: ignored a %s from the front", self.role.value, type(msg).__name__)
         except Exception as e:
-            log.exception("%s scheduler: cannot handle %s", self.role, type(msg).__name__)
+            log.exception("%s scheduler: cannot handle %s", self.role.value, type(msg).__name__)
             if isinstance(msg, GenerateRequest):
                 self.fail(msg.rid, f"internal error: {e}", 500)
 
@@ -109,6 +138,12 @@ class SchedulerLoop:
                 rid, finished=True, finish_reason="abort", error=error, status=status, prompt_tokens=prompt_tokens
             )
         )
+
+    def fail_transfer(self, req: Request, handle: TransferHandle, stage: Stage, what: str) -> None:
+        """`req`'s KV transfer failed in `stage`: fail the request (`what` prefixes the transfer layer's error
+        in the answer), count the failure and hold its pages until no write can touch them."""
+        self.fail(req.rid, f"{what}: {handle.error}", 500, len(req.prompt_ids))
+        self.reaper.failed(req, handle, stage)
 
     def emit(self, req: Request, return_logprob: bool) -> None:
         """Send what `req` produced since the last emit. While it runs, text that could still turn out to be

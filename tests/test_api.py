@@ -27,9 +27,10 @@ import pytest
 import uvicorn
 import zmq
 
+from contracts.errors import SSE_DONE, error_body, error_type
 from serving import api
-from serving.api import APIError, PromptResult
-from serving.http_server import FrontConfig, create_app
+from serving.api import APIError, PromptResult, fields
+from serving.front import FrontConfig, create_app
 from serving.ipc import AbortRequest, GenerateRequest, Ready, RequestOutput, SchedulerStats, pack, unpack
 
 MODEL = "tiny"
@@ -148,6 +149,84 @@ def test_generate_errors(body: dict[str, Any], param: str) -> None:
     assert e.status == 400
     assert e.param == param
     assert param.split(".")[-1] in e.message
+
+
+@pytest.mark.parametrize(
+    ("getter", "bad_value", "expected"),
+    [
+        (lambda d, name: fields.get_bool(d, "k", False, name=name), 1, "a boolean"),
+        (lambda d, name: fields.get_int(d, "k", None, name=name), 1.5, "an integer"),
+        (lambda d, name: fields.get_int(d, "k", None, name=name), True, "an integer"),
+        (lambda d, name: fields.get_number(d, "k", None, name=name), "1", "a number"),
+        (lambda d, name: fields.get_stop(d, "k", name=name), ["a", 1], "a string or a list of strings"),
+        (lambda d, name: fields.get_int_list(d, "k", name=name), [1, "2"], "a list of integers"),
+        (lambda d, name: fields.get_object(d, "k", name=name), [], "an object"),
+    ],
+)
+def test_field_getters_share_one_shape(getter: Any, bad_value: Any, expected: str) -> None:
+    # missing and null both take the default
+    assert getter({}, None) == getter({"k": None}, None)
+    for name, param in ((None, "k"), ("outer.k", "outer.k")):
+        e = _err(getter, {"k": bad_value}, name)
+        assert e.status == 400 and e.param == param
+        assert e.message.startswith(f"'{param}' must be {expected}, got {type(bad_value).__name__}")
+        assert e.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_field_getters_values() -> None:
+    assert fields.get_number({"k": 2}, "k", None) == 2.0 and isinstance(fields.get_number({"k": 2}, "k", None), float)
+    assert fields.get_stop({"k": "s"}, "k") == ["s"] and fields.get_stop({"k": ""}, "k") == []
+    assert fields.get_stop({"k": ["a", "", "b"]}, "k") == ["a", "b"]
+    assert fields.get_int_list({"k": [1, 2]}, "k") == [1, 2] and fields.get_object({}, "k") == {}
+    assert "got float 1.5" in _err(fields.get_int, {"k": 1.5}, "k", None).message  # scalars show the value
+
+
+def test_api_error_body_is_the_shared_contract() -> None:
+    e = APIError(404, "gone", param="model", code="model_not_found")
+    assert e.body() == error_body(404, "gone", param="model", code="model_not_found")
+    assert e.stream_event() == error_body(404, "gone", param="model", code="model_not_found", stream=True)
+    assert APIError(503, "x").type == error_type(503) == "service_unavailable"
+    assert api.SSE_DONE == SSE_DONE
+
+
+@pytest.mark.parametrize(
+    "parse",
+    [lambda b: api.parse_generate({"text": ["a", "b", "c"], **b}), lambda b: comp({"prompt": ["a", "b", "c"], **b})],
+    ids=["generate", "completion"],
+)
+def test_rid_rule_as_the_server_applies_it(parse: Any) -> None:
+    # a string rid on a batch: the group's id, each prompt gets <rid>_<i>
+    p = parse({"rid": "grp"})
+    assert [s.rid for s in p.prompts] == ["grp_0", "grp_1", "grp_2"] and p.group_rid == "grp"
+    # a list: one id per prompt, no group
+    p = parse({"rid": ["x", "y", "z"]})
+    assert [s.rid for s in p.prompts] == ["x", "y", "z"] and p.group_rid is None
+    # none: the front picks ids
+    p = parse({})
+    assert [s.rid for s in p.prompts] == [None, None, None] and p.group_rid is None
+    for rid, needle in [
+        (["x", "y"], "2 entries"),
+        (["x", "y", "z", "w"], "4 entries"),
+        (["x", "x", "y"], "distinct"),
+        (["x", "", "y"], "non-empty"),
+        (["x", 1, "y"], "non-empty"),
+        ("", "non-empty"),
+        (7, "got int"),
+    ]:
+        e = _err(parse, {"rid": rid})
+        assert e.status == 400 and e.param == "rid" and needle in e.message, (rid, e.message)
+
+
+def test_rid_on_single_prompt_is_its_id() -> None:
+    p = api.parse_generate({"text": "a", "rid": "solo"})
+    assert p.prompts[0].rid == "solo" and p.group_rid is None
+    # a one-prompt list is a batch (contracts.pd.batch_size), but its rid stays bare
+    p = comp({"prompt": ["a"], "rid": "one"})
+    assert p.is_batch and p.prompts[0].rid == "one" and p.group_rid is None
+    p = api.parse_generate({"text": ["a"], "rid": "one"})
+    assert p.is_batch and p.prompts[0].rid == "one" and p.group_rid is None
+    # /generate decides from its own input fields only
+    assert not api.parse_generate({"text": "a", "prompt": ["x", "y"]}).is_batch
 
 
 def test_completion_parsing() -> None:

@@ -18,7 +18,7 @@ pytest.importorskip("mooncake.engine")
 
 import torch
 
-from transfer.backends.base import BackendSettings, Copy, MemoryRegion, Status, TransferError
+from transfer.backends.base import BackendSettings, Copy, MemoryRegion, TransferError, WriteStatus
 from transfer.backends.mooncake import MooncakeBackend
 
 LAYERS, PAGES, PAGE_BYTES = 4, 32, 256
@@ -65,12 +65,12 @@ def new_backend(bufs: list[torch.Tensor]) -> MooncakeBackend:
     return backend
 
 
-def wait(backend: MooncakeBackend, handle: Any, deadline_s: float) -> tuple[Status, str, float]:
+def wait(backend: MooncakeBackend, handle: Any, deadline_s: float) -> tuple[WriteStatus, str, float]:
     t0 = time.monotonic()
     while True:
         status, error = backend.poll(handle)
         elapsed = time.monotonic() - t0
-        if status != Status.PENDING or elapsed > deadline_s:
+        if status != WriteStatus.PENDING or elapsed > deadline_s:
             return status, error, elapsed
         time.sleep(0.001)
 
@@ -172,8 +172,8 @@ def test_write_in_process(pair) -> None:
     handles = [a.submit_write("b", COPIES[:3]), a.submit_write("b", COPIES[3:])]
     for h in handles:
         status, error, elapsed = wait(a, h, deadline_s=10)
-        assert status == Status.DONE, (error, elapsed)
-        assert a.poll(h) == (Status.DONE, "")  # settled handles keep their answer
+        assert status == WriteStatus.DONE, (error, elapsed)
+        assert a.poll(h) == (WriteStatus.DONE, "")  # settled handles keep their answer
         a.release(h)
     want = expected_after(before, src, COPIES)
     for i, (got, exp) in enumerate(zip(dst, want, strict=True)):
@@ -184,7 +184,7 @@ def test_write_in_process(pair) -> None:
 def test_empty_write_is_done_at_once(pair) -> None:
     a, *_ = pair
     h = a.submit_write("b", [])
-    assert a.poll(h) == (Status.DONE, "")
+    assert a.poll(h) == (WriteStatus.DONE, "")
     a.release(h)
 
 
@@ -193,7 +193,7 @@ def test_write_to_another_process(pair, target: Target) -> None:
     a.add_peer("child", target.metadata, target.regions)
     try:
         status, error, _ = wait(a, a.submit_write("child", COPIES), deadline_s=10)
-        assert status == Status.DONE, error
+        assert status == WriteStatus.DONE, error
         got = target.dump()
     finally:
         a.remove_peer("child")
@@ -255,17 +255,17 @@ def test_queued_writes_are_called_off_by_release_remove_peer_and_close(pair) -> 
         orphaned = c.submit_write("b2", COPIES)
         in_flight = c.submit_write("b", COPIES)
         t0 = time.monotonic()
-        assert c.poll(released) == (Status.PENDING, "")
+        assert c.poll(released) == (WriteStatus.PENDING, "")
         assert time.monotonic() - t0 < 0.05  # poll never waits for the submit thread
         c.release(released)
         c.remove_peer("b2")
         gate.set()
         status, error, _ = wait(c, released, 10)
-        assert status == Status.FAILED and "cancelled before submission" in error
+        assert status == WriteStatus.FAILED and "cancelled before submission" in error
         status, error, _ = wait(c, orphaned, 10)
-        assert status == Status.FAILED and "was removed" in error
+        assert status == WriteStatus.FAILED and "was removed" in error
         status, error, _ = wait(c, in_flight, 10)
-        assert status == Status.DONE, error
+        assert status == WriteStatus.DONE, error
         want = expected_after(before, src, COPIES)  # only in_flight landed
         assert all(torch.equal(x, y) for x, y in zip(dst, want, strict=True))
         gate.clear()
@@ -275,7 +275,7 @@ def test_queued_writes_are_called_off_by_release_remove_peer_and_close(pair) -> 
         gate.set()
         c.close()
     status, error = c.poll(queued)
-    assert status == Status.FAILED and "backend closed" in error
+    assert status == WriteStatus.FAILED and "backend closed" in error
 
 
 def test_dead_peer_fails_fast_and_close_does_not_hang(tmp_path: Path) -> None:
@@ -285,20 +285,20 @@ def test_dead_peer_fails_fast_and_close_does_not_hang(tmp_path: Path) -> None:
     try:
         a.add_peer("child", target.metadata, target.regions)
         status, error, _ = wait(a, a.submit_write("child", COPIES[:2]), deadline_s=10)
-        assert status == Status.DONE, error  # connected, as in service
+        assert status == WriteStatus.DONE, error  # connected, as in service
         target.kill()
 
         # Measured: ~1 ms (EOF/EPIPE on the open connection). 30 s is the engine's own progress timeout.
         status, error, elapsed = wait(a, a.submit_write("child", COPIES), deadline_s=30)
         print(f"write to a killed, connected peer: {status.value} after {elapsed * 1000:.1f} ms: {error}")
-        assert status == Status.FAILED and elapsed < 30
+        assert status == WriteStatus.FAILED and elapsed < 30
         assert "returned" in error and "child" in error  # the engine's code and the peer are in the message
 
         # A backend that never talked to it fails at the handshake (connection refused), also at once.
         fresh.add_peer("child", target.metadata, target.regions)
         status, error, elapsed = wait(fresh, fresh.submit_write("child", COPIES), deadline_s=30)
         print(f"write to a killed, never-contacted peer: {status.value} after {elapsed * 1000:.1f} ms: {error}")
-        assert status == Status.FAILED and elapsed < 30
+        assert status == WriteStatus.FAILED and elapsed < 30
         assert "batch_transfer_sync_write returned" in error
     finally:
         target.stop()

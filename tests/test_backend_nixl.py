@@ -23,7 +23,7 @@ pytest.importorskip("nixl")
 
 import torch
 
-from transfer.backends.base import BackendSettings, Copy, MemoryRegion, Status, TransferError
+from transfer.backends.base import BackendSettings, Copy, MemoryRegion, TransferError, WriteStatus
 from transfer.backends.nixl import NixlBackend
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,11 +63,11 @@ COPIES = [
 ]
 
 
-def wait(backend: NixlBackend, handle: Any, deadline_s: float = DEADLINE_S) -> tuple[Status, str]:
+def wait(backend: NixlBackend, handle: Any, deadline_s: float = DEADLINE_S) -> tuple[WriteStatus, str]:
     end = time.monotonic() + deadline_s
     while True:
         status, err = backend.poll(handle)
-        if status is not Status.PENDING or time.monotonic() > end:
+        if status is not WriteStatus.PENDING or time.monotonic() > end:
             return status, err
         time.sleep(0.001)
 
@@ -95,7 +95,7 @@ def test_writes_land_exactly_in_process(pair) -> None:
     a, _, src, dst = pair
     before = [t.clone() for t in dst]
     handle = a.submit_write("decode", COPIES)
-    assert wait(a, handle) == (Status.DONE, "")
+    assert wait(a, handle) == (WriteStatus.DONE, "")
     a.release(handle)
     want = expected_after(before, src, COPIES)
     for r, (got, exp) in enumerate(zip(dst, want, strict=True)):
@@ -104,16 +104,16 @@ def test_writes_land_exactly_in_process(pair) -> None:
     # A second write (own handle) into places the first did not touch, then an empty write.
     more = [Copy(region=1, src=0, dst=20, count=3), Copy(region=4, src=7, dst=0, count=1)]
     handle = a.submit_write("decode", more)
-    assert wait(a, handle) == (Status.DONE, "")
+    assert wait(a, handle) == (WriteStatus.DONE, "")
     a.release(handle)
     want = expected_after(want, src, more)
     assert all(torch.equal(g, e) for g, e in zip(dst, want, strict=True))
 
     empty = a.submit_write("decode", [])
-    assert a.poll(empty) == (Status.DONE, "")
+    assert a.poll(empty) == (WriteStatus.DONE, "")
     a.release(empty)
     zero = a.submit_write("decode", [Copy(region=0, src=0, dst=0, count=0)])
-    assert a.poll(zero) == (Status.DONE, "")
+    assert a.poll(zero) == (WriteStatus.DONE, "")
 
 
 @pytest.fixture
@@ -183,7 +183,7 @@ def test_remove_peer_fails_writes_in_flight_and_close_is_clean(pair) -> None:
     a.remove_peer("decode")
     status, err = a.poll(handle)
     # On shared memory the write may already be done; otherwise it is cancelled and says why.
-    assert status is Status.DONE or (status is Status.FAILED and "peer removed" in err)
+    assert status is WriteStatus.DONE or (status is WriteStatus.FAILED and "peer removed" in err)
     a.release(handle)
     a.release(handle)
 
@@ -268,7 +268,7 @@ def test_writes_land_in_another_process(target, initiator) -> None:
     a.add_peer("decode", target.metadata, target.regions)
     for copies in (COPIES[:3], COPIES[3:]):
         handle = a.submit_write("decode", copies)
-        assert wait(a, handle) == (Status.DONE, "")
+        assert wait(a, handle) == (WriteStatus.DONE, "")
         a.release(handle)
     want = expected_after(make_buffers(seed=None), src, COPIES)
     assert target.ask("check", want) == []
@@ -282,19 +282,19 @@ def test_write_to_killed_peer_fails_quickly(target, initiator, warm: bool) -> No
     a.add_peer("decode", target.metadata, target.regions)
     if warm:  # the connection exists when the peer dies
         handle = a.submit_write("decode", COPIES)
-        assert wait(a, handle) == (Status.DONE, "")
+        assert wait(a, handle) == (WriteStatus.DONE, "")
         a.release(handle)
     target.kill()
     t0 = time.monotonic()
     try:
         handle = a.submit_write("decode", COPIES)
     except TransferError as e:
-        status, err = Status.FAILED, str(e)
+        status, err = WriteStatus.FAILED, str(e)
     else:
         status, err = wait(a, handle, DEAD_PEER_BOUND_S)
         a.release(handle)
     elapsed = time.monotonic() - t0
-    assert status is Status.FAILED, f"write to a dead peer ended {status} after {elapsed:.3f}s"
+    assert status is WriteStatus.FAILED, f"write to a dead peer ended {status} after {elapsed:.3f}s"
     assert "decode" in err and "NIXL" in err
     assert elapsed < DEAD_PEER_BOUND_S
     # Tearing down after the peer died does not hang.

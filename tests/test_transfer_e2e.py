@@ -165,6 +165,7 @@ def test_decode_refuses_a_prefill_with_another_layout(clean_pair):
         other.call("create", room=room, bootstrap_addr=prefill.info["bootstrap_addr"], prompt_len=1)
         out = other.wait_state(room, {"FAILED"}, 5)
         assert "incompatible KV layout (page_size: prefill 4 vs decode 8)" in out["error"]
+        assert out["reason"] == "failed"
         other.release(room)
         other.assert_clean()
     finally:
@@ -187,6 +188,7 @@ def test_abort_from_decode_reaches_prefill(clean_pair, when):
     decode.call("abort", room=room)
     out = prefill.wait_state(room, {"FAILED"}, 10)
     assert "aborted by decode" in out["error"]
+    assert out["reason"] == "aborted"
     if when == "mid-transfer":
         prefill.call("complete", event=f"hold-{room}")
     decode.wait_safe(room, 5)  # prefill acknowledged once its writes drained
@@ -200,7 +202,7 @@ def test_abort_from_prefill_reaches_decode(clean_pair):
     prefill.call("send", room=room, start=0, end=1)
     prefill.call("abort", room=room)
     out = decode.wait_state(room, {"FAILED"}, 5)
-    assert "aborted by prefill" in out["error"]
+    assert "aborted by prefill" in out["error"] and out["reason"] == "aborted"
     assert out["safe"]  # prefill aborts only after its writes drained
     release_both(prefill, decode, room)
 
@@ -212,7 +214,7 @@ def test_prefill_bootstrap_timeout(clean_pair):
     prefill.call("create", room=room)  # no decode ever sends transfer info
     t0 = time.monotonic()
     out = prefill.wait_state(room, {"FAILED"}, TIMEOUTS["bootstrap"] + 3)
-    assert "timed out in BOOTSTRAPPING" in out["error"]
+    assert "timed out in BOOTSTRAPPING" in out["error"] and out["reason"] == "timed_out"
     assert time.monotonic() - t0 <= TIMEOUTS["bootstrap"] + 2
     prefill.release(room)
 
@@ -225,7 +227,7 @@ def test_decode_bootstrap_timeout_on_unreachable_prefill(clean_pair):
     t0 = time.monotonic()
     out = decode.wait_state(room, {"FAILED"}, TIMEOUTS["bootstrap"] + 3)
     # the heartbeat gives up on an unreachable prefill before the bootstrap timeout would
-    assert "127.0.0.1:1 unreachable" in out["error"]
+    assert "127.0.0.1:1 unreachable" in out["error"] and out["reason"] == "failed"
     assert time.monotonic() - t0 <= TIMEOUTS["bootstrap"] + 1
     assert out["safe"]
     decode.release(room)
@@ -265,7 +267,7 @@ def test_prefill_killed_mid_transfer(backend):
         prefill.kill()
         t0 = time.monotonic()
         out = decode.wait_state(room, {"FAILED"}, 5)
-        assert "lost connection with prefill" in out["error"]
+        assert "lost connection with prefill" in out["error"] and out["reason"] == "failed"
         assert time.monotonic() - t0 < 3  # heartbeat: 2 misses of 0.2 s, plus slack
         decode.release(room, timeout=1)
         decode.assert_clean()

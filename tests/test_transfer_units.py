@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from contracts.metrics import FailureReason
 from transfer.aux import AuxBuffer, AuxRow
 from transfer.backends.base import Copy
 from transfer.bootstrap import LayoutMismatch, check_layout
@@ -80,13 +81,14 @@ def test_state_machine_moves_forward_only_and_failure_is_sticky():
     assert not room.advance(TransferState.TRANSFERRING)  # repeated
     assert room.advance(TransferState.SUCCESS)
     assert not room.advance(TransferState.SUCCESS)  # success declared once
-    assert not room.fail("late")  # success is final too
+    assert not room.fail("late", FailureReason.FAILED)  # success is final too
     assert room.state == TransferState.SUCCESS
 
     failed = RoomState(2, Timeouts(), FakeClock())
-    assert failed.fail("boom") and not failed.fail("again")
+    assert failed.fail("boom", FailureReason.FAILED) and not failed.fail("again", FailureReason.ABORTED)
     assert not failed.advance(TransferState.SUCCESS)
     assert failed.state == TransferState.FAILED and failed.error == "boom"
+    assert failed.reason is FailureReason.FAILED and failed.failed_in == TransferState.BOOTSTRAPPING
 
 
 @pytest.mark.parametrize(
@@ -108,6 +110,7 @@ def test_every_non_final_state_times_out(state: TransferState, limit: str):
     clock.t = getattr(timeouts, limit) + 0.01
     assert room.check_timeout()
     assert room.state == TransferState.FAILED and f"timed out in {state.name}" in room.error
+    assert room.reason is FailureReason.TIMED_OUT and room.failed_in == state
     assert not room.check_timeout()
 
 

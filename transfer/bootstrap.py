@@ -12,17 +12,29 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 import httpx
 
+from contracts.pd import DEFAULT_BOOTSTRAP_PORT
+from engine.kvcache import KVLayout
+
 log = logging.getLogger(__name__)
 
-DEFAULT_BOOTSTRAP_PORT = 8998
-# Fields decode must agree on with prefill before any byte moves.
-LAYOUT_FIELDS = ("page_size", "kv_dtype", "num_layers", "num_kv_heads", "head_dim", "backend")
+__all__ = [
+    "DEFAULT_BOOTSTRAP_PORT",
+    "LAYOUT_FIELDS",
+    "BootstrapError",
+    "BootstrapServer",
+    "LayoutMismatch",
+    "RankInfo",
+    "check_layout",
+    "fetch_route",
+    "health",
+    "register_rank",
+]
 
 
 class BootstrapError(RuntimeError):
@@ -35,6 +47,12 @@ class LayoutMismatch(BootstrapError):
 
 @dataclass
 class RankInfo:
+    """One prefill rank as `PUT /route` registers it; its fields are the JSON body, unchanged on the wire.
+
+    Build it with `of()` from the pool's KVLayout: the layout fields come from `KVLayout.wire()`, the one
+    definition of what both sides compare, and decode derives its own side of the comparison the same way.
+    """
+
     tp_size: int
     tp_rank: int
     rank_ip: str
@@ -46,8 +64,19 @@ class RankInfo:
     head_dim: int
     backend: str
 
+    @classmethod
+    def of(cls, kv: KVLayout, backend: str, tp_size: int, tp_rank: int, rank_ip: str, rank_port: int) -> RankInfo:
+        return cls(tp_size=tp_size, tp_rank=tp_rank, rank_ip=rank_ip, rank_port=rank_port, backend=backend, **kv.wire())
+
     def layout(self) -> dict:
+        """What `GET /route` answers and `check_layout` compares: the TP size and LAYOUT_FIELDS."""
         return {"tp_size": self.tp_size, **{k: getattr(self, k) for k in LAYOUT_FIELDS}}
+
+
+# What decode must agree on with prefill before any byte moves: every field of a rank that is not about
+# where the rank is (the KV layout, as KVLayout.wire() names it, and the transfer engine). TP sizes are
+# compared apart, with their own message.
+LAYOUT_FIELDS = tuple(f.name for f in fields(RankInfo) if f.name not in ("tp_size", "tp_rank", "rank_ip", "rank_port"))
 
 
 class BootstrapServer:

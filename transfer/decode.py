@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from contracts.codec import Record
+from contracts.metrics import FailureReason
 from engine.kvcache import KVPool
 from transfer.aux import AuxBuffer, AuxRow
-from transfer.bootstrap import BootstrapError, LayoutMismatch, check_layout, fetch_route, health
+from transfer.bootstrap import BootstrapError, LayoutMismatch, RankInfo, check_layout, fetch_route, health
 from transfer.config import TransferConfig
 from transfer.manager import DuplicateRoomError, RoomHandle, TransferManager, now
-from transfer.protocol import Abort, AbortAck, Message, Registration, Status, TransferInfo, TransferState
+from transfer.protocol import Abort, AbortAck, Registration, Status, TransferInfo, TransferState
 from transfer.state import RoomState
 
 log = logging.getLogger(__name__)
+
+
+class NoAuxRowFree(RuntimeError):
+    """Every aux row is held by a room in flight: the scheduler should retry the request later."""
 
 
 @dataclass
@@ -63,7 +68,7 @@ class KVReceiver(RoomHandle):
         return r.result
 
     def abort(self, reason: str = "aborted by decode") -> None:
-        self.manager._fail(self.room, reason, tell_prefill=True)
+        self.manager._fail(self.room, reason, FailureReason.ABORTED, tell_prefill=True)
 
     def safe_to_free(self) -> bool:
         return self.manager._safe_to_free(self.room)
@@ -85,28 +90,20 @@ class DecodeTransferManager(TransferManager):
         self._dead: set[str] = set()  # prefills declared lost; cleared when one answers again
         self._bootstrapper = ThreadPoolExecutor(max_workers=4, thread_name_prefix="decode-bootstrap")
         self._spawn(self._heartbeat_loop, "heartbeat")
-        layout = pool.layout
-        self.layout = {
-            "tp_size": cfg.tp_size,
-            "page_size": layout.page_size,
-            "kv_dtype": layout.dtype_name,
-            "num_layers": layout.num_layers,
-            "num_kv_heads": layout.num_kv_heads,
-            "head_dim": layout.head_dim,
-            "backend": cfg.backend,
-        }
-        self._uid = uuid.uuid4().hex[:8]
+        # Derived exactly as a prefill rank derives what it registers, so both sides compare like with like.
+        me = RankInfo.of(pool.layout, cfg.backend, cfg.tp_size, cfg.tp_rank, cfg.host, self.zmq_port)
+        self.layout = me.layout()
 
     # -- scheduler API --------------------------------------------------------------------------------
 
     def create_receiver(self, room: int, bootstrap_addr: str, dst_pages: list[int], prompt_len: int) -> KVReceiver:
-        """Start receiving `room` into `dst_pages`. Raises DuplicateRoomError or RuntimeError (no aux row)."""
+        """Start receiving `room` into `dst_pages`. Raises DuplicateRoomError or NoAuxRowFree."""
         with self._lock:
             if room in self._rooms:
                 raise DuplicateRoomError(f"bootstrap_room {room} is already in flight on this decode")
             row = self.aux.allocate()
             if row is None:
-                raise RuntimeError("too many rooms in flight (no free aux row); retry later")
+                raise NoAuxRowFree("too many rooms in flight (no free aux row); retry later")
             self._rooms[room] = _Room(RoomState(room, self.timeouts), bootstrap_addr, list(dst_pages), prompt_len, row)
         self._bootstrapper.submit(self._bootstrap, room)
         return KVReceiver(self, room)
@@ -131,7 +128,7 @@ class DecodeTransferManager(TransferManager):
             if r is None:
                 return
             if not r.state.terminal:
-                self._fail(room, "released before the transfer ended", tell_prefill=True)
+                self._fail(room, "released before the transfer ended", FailureReason.ABORTED, tell_prefill=True)
             del self._rooms[room]
             self.aux.free(r.aux_row)
 
@@ -148,7 +145,7 @@ class DecodeTransferManager(TransferManager):
                 prefill = self._resolve(r.bootstrap_addr)
                 break
             except LayoutMismatch as e:
-                self._fail(room, str(e), tell_prefill=False)
+                self._fail(room, str(e), FailureReason.FAILED, tell_prefill=False)
                 return
             except BootstrapError as e:
                 # prefill may still be starting: retry until the room's bootstrap deadline
@@ -163,7 +160,8 @@ class DecodeTransferManager(TransferManager):
             if r.info_sent:
                 r.state.advance(TransferState.WAITING_FOR_INPUT)
             else:
-                self._fail(room, f"cannot reach prefill control socket {prefill.endpoint}", tell_prefill=False)
+                error = f"cannot reach prefill control socket {prefill.endpoint}"
+                self._fail(room, error, FailureReason.FAILED, tell_prefill=False)
 
     def _resolve(self, addr: str) -> _Prefill:
         with self._lock:
@@ -201,7 +199,7 @@ class DecodeTransferManager(TransferManager):
 
     # -- control messages -----------------------------------------------------------------------------
 
-    def _handle(self, msg: Message) -> None:
+    def _handle(self, msg: Record) -> None:
         if isinstance(msg, Status):
             self._on_status(msg)
         elif isinstance(msg, Abort):
@@ -209,7 +207,7 @@ class DecodeTransferManager(TransferManager):
                 r = self._rooms.get(msg.room)
                 if r is not None:
                     r.released_by_prefill = True  # prefill aborts only once its writes drained
-                    self._fail(msg.room, msg.reason or "aborted by prefill", tell_prefill=False)
+                    self._fail(msg.room, msg.reason or "aborted by prefill", FailureReason.ABORTED, tell_prefill=False)
             self.send(msg.endpoint, AbortAck(msg.room, self.cfg.tp_rank))
         elif isinstance(msg, AbortAck):
             with self._lock:
@@ -231,7 +229,8 @@ class DecodeTransferManager(TransferManager):
                 return
             if state == TransferState.FAILED:
                 r.released_by_prefill = msg.drained
-                self._fail(msg.room, msg.error or "prefill reported failure", tell_prefill=False)
+                # The Status message carries no reason (v1 wire), so a failure prefill reports is FAILED here.
+                self._fail(msg.room, msg.error or "prefill reported failure", FailureReason.FAILED, tell_prefill=False)
             elif state == TransferState.SUCCESS:
                 row = self.aux.read(r.aux_row)
                 if row.room != msg.room or row.prompt_len != r.prompt_len:
@@ -240,6 +239,7 @@ class DecodeTransferManager(TransferManager):
                         msg.room,
                         f"aux row mismatch: expected room {msg.room} / {r.prompt_len} tokens, "
                         f"got room {row.room} / {row.prompt_len}",
+                        FailureReason.FAILED,
                         tell_prefill=False,
                     )
                     return
@@ -249,16 +249,19 @@ class DecodeTransferManager(TransferManager):
             else:
                 r.state.advance(state)
 
-    def _fail(self, room: int, error: str, tell_prefill: bool) -> None:
+    def _fail(self, room: int, error: str, reason: FailureReason, tell_prefill: bool) -> None:
         with self._lock:
             r = self._rooms.get(room)
-            if r is not None and r.state.fail(error):
+            if r is not None and r.state.fail(error, reason):
                 self._failed(room, r, tell_prefill)
 
     def _failed(self, room: int, r: _Room, tell_prefill: bool) -> None:
         """Bookkeeping after a room failed; lock held."""
         r.failed_at = now()
-        if r.last_error and r.state.state == TransferState.FAILED and "BOOTSTRAPPING" in r.state.error:
+        timed_out_bootstrapping = (
+            r.state.reason is FailureReason.TIMED_OUT and r.state.failed_in == TransferState.BOOTSTRAPPING
+        )
+        if r.last_error and timed_out_bootstrapping:  # say why bootstrapping never succeeded
             r.state.error += f" (last error: {r.last_error})"
         log.warning("decode: room %d failed: %s", room, r.state.error)
         if tell_prefill and r.info_sent and r.bootstrap_addr not in self._dead:
@@ -301,7 +304,8 @@ class DecodeTransferManager(TransferManager):
             for room, r in self._rooms.items():
                 if r.bootstrap_addr == addr:
                     why = f"lost connection with prefill {addr}" if ever_reached else f"prefill {addr} unreachable"
-                    self._fail(room, why + (f" ({r.last_error})" if r.last_error else ""), tell_prefill=False)
+                    why += f" ({r.last_error})" if r.last_error else ""
+                    self._fail(room, why, FailureReason.FAILED, tell_prefill=False)
         if p is not None and p.endpoint:
             self.forget_endpoint(p.endpoint)
 

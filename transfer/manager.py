@@ -14,11 +14,13 @@ from typing import Any
 
 import zmq
 
+from contracts.codec import Record
+from contracts.metrics import FailureReason
 from engine.kvcache import KVPool
 from transfer.aux import AuxBuffer
 from transfer.backends import BackendSettings, MemoryRegion, create_backend
 from transfer.config import TransferConfig
-from transfer.protocol import Message, ProtocolError, TransferState, decode, encode
+from transfer.protocol import ProtocolError, TransferState, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ class DuplicateRoomError(ValueError):
 
 
 class RoomHandle:
-    """What a scheduler holds for one room: its state and error, read through the owning manager."""
+    """What a scheduler holds for one room: its state and, once failed, why; read through the owning manager."""
 
     def __init__(self, manager: TransferManager, room: int) -> None:
         self.manager = manager
@@ -42,7 +44,13 @@ class RoomHandle:
 
     @property
     def error(self) -> str:
+        """The failure in words, for logs and the client ("" unless FAILED)."""
         return self.manager._room(self.room).state.error
+
+    @property
+    def reason(self) -> FailureReason | None:
+        """The failure's typed reason (a metric label), set where it happened; None unless FAILED."""
+        return self.manager._room(self.room).state.reason
 
 
 def kv_regions(pool: KVPool) -> list[MemoryRegion]:
@@ -130,7 +138,7 @@ class TransferManager:
             except Exception:
                 log.exception("%s: error in tick", self.role)
 
-    def _handle(self, msg: Message) -> None:
+    def _handle(self, msg: Record) -> None:
         raise NotImplementedError
 
     def _tick(self) -> None:
@@ -138,7 +146,7 @@ class TransferManager:
 
     # -- messaging ------------------------------------------------------------------------------------
 
-    def send(self, endpoint: str, msg: Message) -> bool:
+    def send(self, endpoint: str, msg: Record) -> bool:
         """Best effort: a dead peer must not block the caller for long."""
         with self._send_lock:
             sock = self._push.get(endpoint)

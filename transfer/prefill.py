@@ -1,73 +1,40 @@
 """Prefill side: receives decode's registrations and transfer infos, and pushes KV into decode's pages.
 
 The scheduler holds a `KVSender` per request (room). It may call `send(start, end, pages, event)` once per
-layer group and then `finish(pages, aux)`; each call becomes a chunk on the transfer worker's queue. The
-worker submits a chunk only once its event completed (so it never reads pages the compute stream is still
-writing), tracks the engine's handles, and concludes the room when nothing is in flight any more:
-`Success` once, after every KV and aux write completed; otherwise `Failed`/`Abort` to decode, sent only
-after the room's writes drained, so decode can free its pages at once.
+layer group and then `finish(aux, event)`; each call becomes a chunk on the transfer worker's queue
+(transfer/prefill_worker.py). The worker submits a chunk only once its event completed (so it never reads
+pages the compute stream is still writing), tracks the engine's handles, and hands the room back here when
+a write resolves. This module concludes the room when nothing is in flight any more: `Success` once, after
+every KV and aux write completed; otherwise `Failed`/`Abort` to decode, sent only after the room's writes
+drained, so decode can free its pages at once.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from contracts.codec import Record
+from contracts.metrics import FailureReason
 from engine.device import DeviceEvent
 from engine.kvcache import KVPool
 from transfer.aux import AuxBuffer, AuxRow
-from transfer.backends import Copy, MemoryRegion, Status, TransferError
+from transfer.backends import MemoryRegion
 from transfer.bootstrap import RankInfo, register_rank
 from transfer.config import TransferConfig
 from transfer.manager import DuplicateRoomError, RoomHandle, TransferManager, now
-from transfer.planner import aux_region, layer_copies, merge_runs
-from transfer.protocol import Abort, AbortAck, Message, Registration, TransferInfo, TransferState
-from transfer.protocol import Status as StatusMsg
+from transfer.prefill_worker import Chunk, PrefillRoom, TransferWorker
+from transfer.protocol import Abort, AbortAck, Registration, Status, TransferInfo, TransferState
 from transfer.state import RoomState
 
 log = logging.getLogger(__name__)
 
-# The transfer worker's wait between polls of in-flight writes (backs off from min to max while idle).
-_POLL_MIN_S = 0.0001
-_POLL_MAX_S = 0.002
-
 
 @dataclass
 class _Peer:
-    session: str
-    endpoint: str
-    tp_size: int
+    """A registered decode rank (keyed by its session)."""
 
-
-@dataclass
-class _Chunk:
-    room: int
-    start: int
-    end: int
-    src_pages: list[int]
-    event: DeviceEvent
-    aux: AuxRow | None = None  # set on the final chunk
-
-
-@dataclass
-class _Room:
-    state: RoomState
-    infos: dict[str, TransferInfo] = field(default_factory=dict)
-    required: int = 1
-    pending: int = 0  # chunks queued, not yet submitted
-    inflight: int = 0  # engine handles not yet complete
-    finished: bool = False  # the final (aux) chunk was submitted
-    aux_row: int | None = None
-    aborted_by_us: bool = False
-    released: bool = False  # the scheduler is done with it; delete once drained
-    abort_acks_to: list[str] = field(default_factory=list)
-    concluded: bool = False  # decode was told the outcome
-    failed_at: float = 0.0
-    bytes_sent: int = 0
-    first_submit: float = 0.0
+    endpoint: str  # its control socket
 
 
 class KVSender(RoomHandle):
@@ -80,18 +47,13 @@ class KVSender(RoomHandle):
         """Decode's transfer info arrived: the forward may run."""
         return self.poll() >= TransferState.WAITING_FOR_INPUT
 
-    @property
-    def prompt_len(self) -> int | None:
-        infos = self.manager._room(self.room).infos
-        return next(iter(infos.values())).prompt_len if infos else None
-
     def send(self, start: int, end: int, src_pages: list[int], event: DeviceEvent, aux: AuxRow | None = None) -> None:
         """Queue layers [start, end) of `src_pages`; the worker waits for `event` before reading them.
 
         Passing `aux` makes this the room's last write (the aux row rides in the same batch);
         `Success` follows once every write of the room completed.
         """
-        self.manager._enqueue(_Chunk(self.room, start, end, list(src_pages), event, aux))
+        self.manager._enqueue(Chunk(self.room, start, end, list(src_pages), event, aux))
 
     def finish(self, aux: AuxRow, event: DeviceEvent) -> None:
         """Queue the aux row alone as the room's last write."""
@@ -109,10 +71,6 @@ class KVSender(RoomHandle):
         """Forget the room; call after `safe_to_free()` (or it is failed first, and kept until then)."""
         self.manager._release(self.room)
 
-    def transfer_seconds(self) -> float:
-        r = self.manager._room(self.room)
-        return (time.monotonic() - r.first_submit) if r.first_submit else 0.0
-
 
 class PrefillTransferManager(TransferManager):
     role = "prefill"
@@ -121,33 +79,19 @@ class PrefillTransferManager(TransferManager):
         self, cfg: TransferConfig, pool: KVPool, bootstrap_addr: str | None = None, aux: AuxBuffer | None = None
     ) -> None:
         super().__init__(cfg, pool, aux)
-        self._rooms: dict[int, _Room] = {}
+        self._rooms: dict[int, PrefillRoom] = {}
         self._early: dict[int, tuple[float, list[TransferInfo]]] = {}  # infos that beat the request here
         self._peers: dict[str, _Peer] = {}
-        self._queue: queue.Queue[_Chunk] = queue.Queue()
-        self._ready: deque[_Chunk] = deque()
-        self._inflight: list[tuple[_Room, object, int, float]] = []  # room, handle, bytes, done no sooner than
-        self._link_free_at = 0.0  # emulated link (TransferConfig.emulated_link_gbps)
-        self._spawn(self._worker_loop, "worker")
-        self.bytes_total = 0
+        self._worker = TransferWorker(self)
+        self._spawn(self._worker.run, "worker")
         if bootstrap_addr:
-            layout = pool.layout
-            register_rank(
-                bootstrap_addr,
-                RankInfo(
-                    tp_size=cfg.tp_size,
-                    tp_rank=cfg.tp_rank,
-                    rank_ip=cfg.host,
-                    rank_port=self.zmq_port,
-                    page_size=layout.page_size,
-                    kv_dtype=layout.dtype_name,
-                    num_layers=layout.num_layers,
-                    num_kv_heads=layout.num_kv_heads,
-                    head_dim=layout.head_dim,
-                    backend=cfg.backend,
-                ),
-                timeout=cfg.timeouts.http,
-            )
+            info = RankInfo.of(pool.layout, cfg.backend, cfg.tp_size, cfg.tp_rank, cfg.host, self.zmq_port)
+            register_rank(bootstrap_addr, info, timeout=cfg.timeouts.http)
+
+    @property
+    def bytes_total(self) -> int:
+        """KV and aux bytes whose writes completed, over this manager's life."""
+        return self._worker.bytes_total
 
     # -- scheduler API --------------------------------------------------------------------------------
 
@@ -155,13 +99,13 @@ class PrefillTransferManager(TransferManager):
         with self._lock:
             if room in self._rooms:
                 raise DuplicateRoomError(f"bootstrap_room {room} is already in flight on this prefill")
-            r = _Room(RoomState(room, self.timeouts))
+            r = PrefillRoom(RoomState(room, self.timeouts))
             self._rooms[room] = r
             for info in self._early.pop(room, (0.0, []))[1]:
                 self._accept_info(r, info)
         return KVSender(self, room)
 
-    def _enqueue(self, chunk: _Chunk) -> None:
+    def _enqueue(self, chunk: Chunk) -> None:
         with self._lock:
             r = self._room(chunk.room)
             if r.finished:
@@ -171,12 +115,12 @@ class PrefillTransferManager(TransferManager):
             r.pending += 1
             if chunk.aux is not None:
                 r.finished = True
-        self._queue.put(chunk)
+        self._worker.queue.put(chunk)
 
     def _abort_local(self, room: int, reason: str) -> None:
         with self._lock:
             r = self._rooms.get(room)
-            if r is not None and r.state.fail(reason):
+            if r is not None and r.state.fail(reason, FailureReason.ABORTED):
                 r.aborted_by_us = True
                 r.failed_at = now()
                 self._conclude(room, r)
@@ -194,7 +138,7 @@ class PrefillTransferManager(TransferManager):
 
     # -- control messages -----------------------------------------------------------------------------
 
-    def _handle(self, msg: Message) -> None:
+    def _handle(self, msg: Record) -> None:
         if isinstance(msg, Registration):
             self._on_registration(msg)
         elif isinstance(msg, TransferInfo):
@@ -232,7 +176,7 @@ class PrefillTransferManager(TransferManager):
             if msg.session in self._peers:
                 self.backend.remove_peer(msg.session)
             self.backend.add_peer(msg.session, msg.backend_metadata, regions)
-            self._peers[msg.session] = _Peer(msg.session, msg.endpoint, msg.tp_size)
+            self._peers[msg.session] = _Peer(msg.endpoint)
         log.info("prefill: decode %s registered (%s)", msg.session, msg.backend)
 
     def _on_transfer_info(self, info: TransferInfo) -> None:
@@ -242,7 +186,7 @@ class PrefillTransferManager(TransferManager):
                 # decode thinks it registered; we do not know it (e.g. this prefill restarted)
                 self.send(
                     info.session,
-                    StatusMsg(
+                    Status(
                         info.room,
                         TransferState.FAILED,
                         self.cfg.tp_rank,
@@ -256,12 +200,12 @@ class PrefillTransferManager(TransferManager):
                 return
             self._accept_info(r, info)
 
-    def _accept_info(self, r: _Room, info: TransferInfo) -> None:
+    def _accept_info(self, r: PrefillRoom, info: TransferInfo) -> None:
         endpoint = self._peers[info.session].endpoint
         if info.session in r.infos or len(r.infos) >= max(r.required, 1) or r.state.terminal:
             self.send(
                 endpoint,
-                StatusMsg(info.room, TransferState.FAILED, self.cfg.tp_rank, f"duplicate bootstrap_room {info.room}"),
+                Status(info.room, TransferState.FAILED, self.cfg.tp_rank, f"duplicate bootstrap_room {info.room}"),
             )
             return
         r.infos[info.session] = info
@@ -277,7 +221,8 @@ class PrefillTransferManager(TransferManager):
                 self.send(msg.endpoint, AbortAck(msg.room, self.cfg.tp_rank))
                 return
             r.abort_acks_to.append(msg.endpoint)
-            if r.state.fail(f"aborted by decode: {msg.reason}" if msg.reason else "aborted by decode"):
+            error = f"aborted by decode: {msg.reason}" if msg.reason else "aborted by decode"
+            if r.state.fail(error, FailureReason.ABORTED):
                 r.failed_at = now()
             self._conclude(msg.room, r)
 
@@ -295,108 +240,14 @@ class PrefillTransferManager(TransferManager):
                     log.warning("prefill: room %d %s", room, r.state.error)
                 self._conclude(room, r)
 
-    # -- the transfer worker --------------------------------------------------------------------------
+    # -- outcomes (the worker calls these with the lock held) -------------------------------------------
 
-    def _worker_loop(self) -> None:
-        idle_wait = _POLL_MIN_S
-        while not self._stop.is_set():
-            busy = bool(self._inflight or self._ready)
-            try:
-                self._ready.append(self._queue.get(timeout=idle_wait if busy else 0.05))
-                while True:  # drain whatever else is queued without waiting
-                    self._ready.append(self._queue.get_nowait())
-            except queue.Empty:
-                pass
-            progressed = False
-            # In order: a chunk goes out only once the compute that wrote its pages has finished.
-            while self._ready and self._ready[0].event.query():
-                self._submit(self._ready.popleft())
-                progressed = True
-            if self._inflight:
-                progressed |= self._poll_inflight()
-            # Back off while big writes are in flight: on a small host, a hot poll loop steals CPU from the
-            # engine's own threads; any progress resets the wait, so short transfers stay fast.
-            idle_wait = _POLL_MIN_S if progressed else min(idle_wait * 2, _POLL_MAX_S)
-
-    def _submit(self, chunk: _Chunk) -> None:
-        with self._lock:
-            r = self._rooms.get(chunk.room)
-            if r is None:
-                return
-            r.pending -= 1
-            if r.state.terminal:
-                self._conclude(chunk.room, r)
-                return
-            for info in r.infos.values():
-                try:
-                    copies = self._copies(chunk, r, info)
-                    handle = self.backend.submit_write(info.session, copies)
-                except TransferError as e:
-                    self._fail(chunk.room, r, f"{self.backend.name} write failed: {e}")
-                    return
-                nbytes = sum(c.count * self.regions[c.region].item_bytes for c in copies)
-                r.inflight += 1
-                self._inflight.append((r, handle, nbytes, self._emulated_arrival(nbytes)))
-            if r.state.advance(TransferState.TRANSFERRING):
-                r.first_submit = time.monotonic()
-                for info in r.infos.values():
-                    self.send(
-                        self._peers[info.session].endpoint,
-                        StatusMsg(chunk.room, TransferState.TRANSFERRING, self.cfg.tp_rank),
-                    )
-
-    def _copies(self, chunk: _Chunk, r: _Room, info: TransferInfo) -> list[Copy]:
-        if len(chunk.src_pages) > len(info.dst_pages):
-            raise TransferError(f"{len(chunk.src_pages)} source pages but decode reserved {len(info.dst_pages)}")
-        runs = merge_runs(chunk.src_pages, info.dst_pages[: len(chunk.src_pages)])
-        copies = layer_copies(chunk.start, chunk.end, self.num_layers, runs)
-        if chunk.aux is not None:
-            if r.aux_row is None:
-                r.aux_row = self.aux.allocate()
-                if r.aux_row is None:
-                    raise TransferError("no free aux row on prefill")
-            self.aux.write(r.aux_row, chunk.aux)
-            copies.append(Copy(aux_region(self.num_layers), r.aux_row, info.aux_row, 1))
-        return copies
-
-    def _emulated_arrival(self, nbytes: int) -> float:
-        """When a serial link of the emulated bandwidth would have delivered this write (0: no emulation)."""
-        gbps = self.cfg.emulated_link_gbps
-        if gbps is None:
-            return 0.0
-        self._link_free_at = max(time.monotonic(), self._link_free_at) + nbytes * 8 / (gbps * 1e9)
-        return self._link_free_at
-
-    def _poll_inflight(self) -> bool:
-        """Resolve finished handles; True when any did."""
-        still: list[tuple[_Room, object, int, float]] = []
-        touched: list[_Room] = []
-        for r, handle, nbytes, not_before in self._inflight:
-            status, error = self.backend.poll(handle)
-            if status == Status.PENDING or (status == Status.DONE and time.monotonic() < not_before):
-                still.append((r, handle, nbytes, not_before))
-                continue
-            self.backend.release(handle)
-            with self._lock:
-                r.inflight -= 1
-                if status == Status.DONE:
-                    r.bytes_sent += nbytes
-                    self.bytes_total += nbytes
-                else:
-                    self._fail(r.state.room, r, f"{self.backend.name} write failed: {error}")
-            touched.append(r)
-        self._inflight = still
-        with self._lock:
-            for r in touched:
-                self._conclude(r.state.room, r)
-        return bool(touched)
-
-    def _fail(self, room: int, r: _Room, error: str) -> None:
-        if r.state.fail(error):
+    def _fail(self, room: int, r: PrefillRoom, error: str, reason: FailureReason) -> None:
+        if r.state.fail(error, reason):
             r.failed_at = now()
             log.warning("prefill: room %d failed: %s", room, error)
 
-    def _conclude(self, room: int, r: _Room) -> None:
+    def _conclude(self, room: int, r: PrefillRoom) -> None:
         """Tell decode the outcome, once, when nothing of the room is in flight any more. Lock held."""
         if r.concluded:
             for endpoint in r.abort_acks_to:  # late aborts of an already concluded room
@@ -408,7 +259,7 @@ class PrefillTransferManager(TransferManager):
         state = r.state.state
         if state == TransferState.TRANSFERRING and r.finished and drained:
             if r.state.advance(TransferState.SUCCESS):
-                self._tell_decode(room, r, StatusMsg(room, TransferState.SUCCESS, self.cfg.tp_rank))
+                self._tell_decode(room, r, Status(room, TransferState.SUCCESS, self.cfg.tp_rank))
         elif state == TransferState.FAILED:
             hung = not drained and now() - r.failed_at > self.timeouts.abort_ack
             if not (drained or hung):
@@ -417,7 +268,7 @@ class PrefillTransferManager(TransferManager):
                 self._tell_decode(room, r, Abort(room, self.endpoint, r.state.error))
             else:
                 self._tell_decode(
-                    room, r, StatusMsg(room, TransferState.FAILED, self.cfg.tp_rank, r.state.error, drained=drained)
+                    room, r, Status(room, TransferState.FAILED, self.cfg.tp_rank, r.state.error, drained=drained)
                 )
             for endpoint in r.abort_acks_to:
                 self.send(endpoint, AbortAck(room, self.cfg.tp_rank))
@@ -426,20 +277,20 @@ class PrefillTransferManager(TransferManager):
             self._free_aux(r)
             self._maybe_delete(room, r)
 
-    def _tell_decode(self, room: int, r: _Room, msg: Message) -> None:
+    def _tell_decode(self, room: int, r: PrefillRoom, msg: Record) -> None:
         r.concluded = True
         for info in r.infos.values():
             peer = self._peers.get(info.session)
             if peer is not None:
                 self.send(peer.endpoint, msg)
 
-    def _maybe_delete(self, room: int, r: _Room) -> None:
+    def _maybe_delete(self, room: int, r: PrefillRoom) -> None:
         told = r.concluded or not r.infos
         if r.released and told and r.pending == 0 and r.inflight == 0 and self._rooms.get(room) is r:
             self._free_aux(r)
             del self._rooms[room]
 
-    def _free_aux(self, r: _Room) -> None:
+    def _free_aux(self, r: PrefillRoom) -> None:
         if r.aux_row is not None:
             self.aux.free(r.aux_row)
             r.aux_row = None

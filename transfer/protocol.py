@@ -1,26 +1,24 @@
 """Every ZMQ control message between prefill and decode, in one place (DESIGN §3.3).
 
-Each message is a typed dataclass. On the wire it is a msgpack map carrying the protocol version and the
-message type next to the fields. `decode` checks version, type and every field's type, and raises
-`ProtocolError` for anything else, so receive loops can log and drop bad input instead of crashing.
+Each message is a `contracts.codec.Record`; `CODEC` is the transfer control channel, so this channel
+encodes and strictly checks its bytes exactly as every other pdserve channel does. On the wire a message
+is a msgpack map of its fields plus `v` (PROTOCOL_VERSION) and `type`. `decode` raises `ProtocolError`
+(the codec's `CodecError`) for anything that is not a valid message of this version, so receive loops can
+log and drop bad input instead of crashing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import types
-import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import msgpack
+from contracts.codec import Codec, CodecError, Record
 
 PROTOCOL_VERSION = 1
 
-
-class ProtocolError(ValueError):
-    """A message that is not a valid pdserve control message of this version."""
+# The codec's own error: `except ProtocolError` catches every decoding failure of this channel.
+ProtocolError = CodecError
 
 
 class TransferState(enum.IntEnum):
@@ -34,12 +32,7 @@ class TransferState(enum.IntEnum):
 
 
 @dataclass
-class Message:
-    TYPE: ClassVar[str] = ""
-
-
-@dataclass
-class Registration(Message):
+class Registration(Record):
     """Decode → prefill, once per connection: where decode's KV memory is and how to reach it."""
 
     TYPE: ClassVar[str] = "register"
@@ -59,7 +52,7 @@ class Registration(Message):
 
 
 @dataclass
-class TransferInfo(Message):
+class TransferInfo(Record):
     """Decode → prefill, per request: where this room's KV and aux row go."""
 
     TYPE: ClassVar[str] = "transfer_info"
@@ -72,7 +65,7 @@ class TransferInfo(Message):
 
 
 @dataclass
-class Status(Message):
+class Status(Record):
     """Prefill → decode: the room's state. Terminal states are sent only once no write can still land,
     unless `drained` says otherwise (a write hung past its timeout)."""
 
@@ -85,7 +78,7 @@ class Status(Message):
 
 
 @dataclass
-class Abort(Message):
+class Abort(Record):
     """Either direction: stop this room. The receiver answers with AbortAck once its writes drained."""
 
     TYPE: ClassVar[str] = "abort"
@@ -95,72 +88,32 @@ class Abort(Message):
 
 
 @dataclass
-class AbortAck(Message):
+class AbortAck(Record):
+    """The answer to Abort: no write of this room from the sender can still land."""
+
     TYPE: ClassVar[str] = "abort_ack"
     room: int
     sender_rank: int
 
 
-MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Registration, TransferInfo, Status, Abort, AbortAck)
-}
+CODEC = Codec("transfer", PROTOCOL_VERSION, (Registration, TransferInfo, Status, Abort, AbortAck))
 
 
-def encode(msg: Message) -> bytes:
-    payload = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
-    return msgpack.packb({"v": PROTOCOL_VERSION, "type": msg.TYPE, **payload}, use_bin_type=True)
+def encode(msg: Record) -> bytes:
+    """The wire bytes of one control message."""
+    return CODEC.encode(msg)
 
 
-def decode(data: bytes) -> Message:
-    try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several unrelated exception types
-        raise ProtocolError(f"not msgpack: {e}") from e
-    if not isinstance(raw, dict):
-        raise ProtocolError(f"expected a map, got {type(raw).__name__}")
-    version = raw.pop("v", None)
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {version!r} (this side speaks {PROTOCOL_VERSION})")
-    cls = MESSAGE_TYPES.get(raw.pop("type", None))
-    if cls is None:
-        raise ProtocolError(f"unknown message type {raw.get('type')!r}")
-    return _build(cls, raw)
-
-
-def _build(cls: type[Message], raw: dict[str, Any]) -> Message:
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ProtocolError(f"{cls.TYPE}: missing field {f.name!r}")
-            continue
-        value = raw.pop(f.name)
-        if not _matches(value, hints[f.name]):
-            raise ProtocolError(f"{cls.TYPE}: field {f.name!r} has wrong type {type(value).__name__}")
-        kwargs[f.name] = value
-    if raw:
-        raise ProtocolError(f"{cls.TYPE}: unknown fields {sorted(raw)}")
-    return cls(**kwargs)
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
+def decode(data: bytes) -> Record:
+    """The control message in `data`; raises ProtocolError for anything else."""
+    return CODEC.decode(data)
 
 
 __all__ = [
+    "CODEC",
     "PROTOCOL_VERSION",
     "Abort",
     "AbortAck",
-    "Message",
     "ProtocolError",
     "Registration",
     "Status",

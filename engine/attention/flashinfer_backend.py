@@ -12,7 +12,7 @@ import torch
 
 from engine.attention.base import AttentionBackend
 from engine.batch import ForwardBatch, ForwardMode
-from engine.kvcache import KVPool
+from engine.kvcache import KVPool, pages_for
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -35,7 +35,7 @@ class FlashInferAttention(AttentionBackend):
     def prepare(self, batch: ForwardBatch) -> None:
         self.batch = batch
         ps = batch.page_size
-        pages_per_req = [-(-n // ps) for n in batch.seq_lens]
+        pages_per_req = [pages_for(n, ps) for n in batch.seq_lens]
         indices = [p for table, n in zip(batch.page_tables, pages_per_req, strict=True) for p in table[:n]]
         i32 = dict(dtype=torch.int32, device=self.pool.device)
         kv_indptr = torch.tensor([0, *torch.tensor(pages_per_req).cumsum(0).tolist()], **i32)

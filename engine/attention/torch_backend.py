@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend
 from engine.batch import ForwardBatch, ForwardMode
+from engine.kvcache import pages_for
 
 
 @dataclass
@@ -51,7 +52,7 @@ class TorchAttention(AttentionBackend):
     def _prepare_decode(self, batch: ForwardBatch) -> _DecodeMeta:
         seq_lens = torch.tensor(batch.seq_lens, dtype=torch.int64, device=batch.device)
         max_len = int(seq_lens.max())
-        max_pages = -(-max_len // batch.page_size)
+        max_pages = pages_for(max_len, batch.page_size)
         pages = torch.zeros(batch.batch_size, max_pages, dtype=torch.int64)
         for i, table in enumerate(batch.page_tables):
             n = min(len(table), max_pages)

@@ -1,6 +1,6 @@
 """Paged KV cache: the per-layer buffers (registrable with RDMA engines) and their page allocator."""
 
 from engine.kvcache.allocator import PageAllocator
-from engine.kvcache.pool import KVPool
+from engine.kvcache.pool import KVLayout, KVPool, pages_for
 
-__all__ = ["KVPool", "PageAllocator"]
+__all__ = ["KVLayout", "KVPool", "PageAllocator", "pages_for"]

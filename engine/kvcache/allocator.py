@@ -29,9 +29,6 @@ class PageAllocator:
         with self._lock:
             return set(np.flatnonzero(self._free).tolist())
 
-    def can_allocate(self, n: int) -> bool:
-        return n <= self._num_free
-
     def allocate(self, n: int) -> list[int] | None:
         """n pages, as few runs as possible; None (and nothing taken) when fewer than n are free."""
         if n < 0:

@@ -14,6 +14,11 @@ import torch
 from engine.kvcache.allocator import PageAllocator
 
 
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """Pages that hold `num_tokens` tokens: the one place the round-up is written."""
+    return -(-num_tokens // page_size)
+
+
 @dataclass(frozen=True)
 class KVLayout:
     """What the decode side must agree on with the prefill side (DESIGN §3.2)."""
@@ -28,6 +33,16 @@ class KVLayout:
     def dtype_name(self) -> str:
         """The dtype's wire name ("bfloat16", "float32", ...), as the bootstrap layout check compares it."""
         return str(self.dtype).removeprefix("torch.")
+
+    def wire(self) -> dict[str, int | str]:
+        """The layout under the names the bootstrap route carries (DESIGN §3.2): what both sides compare."""
+        return {
+            "page_size": self.page_size,
+            "kv_dtype": self.dtype_name,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+        }
 
     @property
     def page_bytes(self) -> int:
@@ -53,12 +68,8 @@ class KVPool:
     def page_bytes(self) -> int:
         return self.layout.page_bytes
 
-    @property
-    def layer_bytes(self) -> int:
-        return self.num_pages * self.page_bytes
-
     def pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.page_size)
+        return pages_for(num_tokens, self.page_size)
 
     def flat_k(self, layer: int) -> torch.Tensor:
         """[num_pages * page_size, kv_heads, head_dim] view: one row per token slot."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transfer.backends.base import BackendSettings, Copy, MemoryRegion, Status, TransferBackend, TransferError
+from transfer.backends.base import BackendSettings, Copy, MemoryRegion, TransferBackend, TransferError, WriteStatus
 
 
 def create_backend(name: str, settings: BackendSettings) -> TransferBackend:
@@ -22,8 +22,8 @@ __all__ = [
     "BackendSettings",
     "Copy",
     "MemoryRegion",
-    "Status",
     "TransferBackend",
     "TransferError",
+    "WriteStatus",
     "create_backend",
 ]

@@ -43,7 +43,9 @@ class Copy:
     count: int
 
 
-class Status(enum.Enum):
+class WriteStatus(enum.Enum):
+    """Where one backend write stands (`poll()`); not the control message `transfer.protocol.Status`."""
+
     PENDING = "pending"
     DONE = "done"
     FAILED = "failed"
@@ -84,7 +86,7 @@ class TransferBackend(ABC):
         """Start writing `copies` into `peer`; returns a handle for poll(). Raises TransferError."""
 
     @abstractmethod
-    def poll(self, handle: Any) -> tuple[Status, str]:
+    def poll(self, handle: Any) -> tuple[WriteStatus, str]:
         """(status, error message when FAILED). Never blocks for long."""
 
     def release(self, handle: Any) -> None:  # noqa: B027 (optional hook)

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from transfer.backends.base import BackendSettings, Copy, MemoryRegion, Status, TransferBackend, TransferError
+from transfer.backends.base import BackendSettings, Copy, MemoryRegion, TransferBackend, TransferError, WriteStatus
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class MooncakeWrite:
         self.session_id = session_id
         self.num_requests = num_requests
         self._job = job
-        self._result: tuple[Status, str] | None = None if job is not None else (Status.DONE, "")
+        self._result: tuple[WriteStatus, str] | None = None if job is not None else (WriteStatus.DONE, "")
 
     def __repr__(self) -> str:
         state = self._result[0].value if self._result else "pending"
@@ -228,15 +228,15 @@ class MooncakeBackend(TransferBackend):
                 )
         return ""
 
-    def poll(self, handle: MooncakeWrite) -> tuple[Status, str]:
+    def poll(self, handle: MooncakeWrite) -> tuple[WriteStatus, str]:
         if handle._result is not None:
             return handle._result
         assert handle._job is not None
         if self._engine is None:
-            handle._result = (Status.FAILED, f"mooncake write to {handle.peer}: backend closed while in flight")
+            handle._result = (WriteStatus.FAILED, f"mooncake write to {handle.peer}: backend closed while in flight")
             return handle._result
         if not handle._job.done():
-            return Status.PENDING, ""
+            return WriteStatus.PENDING, ""
         try:
             error = handle._job.result()
         except CancelledError:
@@ -244,9 +244,12 @@ class MooncakeBackend(TransferBackend):
         except Exception as e:  # defensive: _submit_requests catches engine errors itself
             error = f"submission raised {e!r}"
         if error:
-            handle._result = (Status.FAILED, f"mooncake write to {handle.peer} ({handle.session_id}) failed: {error}")
+            handle._result = (
+                WriteStatus.FAILED,
+                f"mooncake write to {handle.peer} ({handle.session_id}) failed: {error}",
+            )
         else:
-            handle._result = (Status.DONE, "")
+            handle._result = (WriteStatus.DONE, "")
         return handle._result
 
     def release(self, handle: MooncakeWrite) -> None:

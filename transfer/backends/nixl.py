@@ -44,58 +44,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from transfer.backends.base import BackendSettings, Copy, MemoryRegion, Status, TransferBackend, TransferError
+from transfer.backends.base import BackendSettings, Copy, MemoryRegion, TransferBackend, TransferError, WriteStatus
+from transfer.backends.nixl_agent import PROGRESS_DELAY_US, UCX, make_agent, nixl_error
 
 log = logging.getLogger(__name__)
 
-_UCX = "UCX"
 _LOCAL = "NIXL_INIT_AGENT"  # NIXL's name for "the local side" in prep_xfer_dlist
 # metadata() header: magic, memory type (0 DRAM, 1 VRAM), device id
 _MD_HEADER = struct.Struct("<5sBi")
 _MD_MAGIC = b"PDNX1"
 _MEM_TYPES = ("DRAM", "VRAM")
-# How long NIXL's UCX progress thread sleeps in poll() when no UCX event wakes it. nixl_agent hard-codes 0,
-# which makes that thread spin a whole core per agent even when idle (measured: 2 idle agents = 199% CPU;
-# with 10 ms: 1-2%, and write latency unchanged, since completions and incoming TCP data wake it at once).
-_PROGRESS_DELAY_US = 10_000
-_AGENT_CTOR_LOCK = threading.Lock()
-
-
-def _make_agent(name: str, progress_delay_us: int) -> Any:
-    try:
-        from nixl import _api
-    except ImportError as e:
-        raise TransferError(f"NIXL is not installed (pip install nixl): {e}") from e
-    conf = _api.nixl_agent_config(backends=[_UCX])
-    bindings = _api.nixlBind
-    stock = bindings.nixlAgentConfig
-    try:
-
-        class _Config(stock):  # type: ignore[misc, valid-type]
-            # nixl_agent builds its C++ config itself and sets pthrDelay = 0; this keeps our value instead.
-            def __setattr__(self, key: str, value: Any) -> None:
-                super().__setattr__(key, progress_delay_us if key == "pthrDelay" else value)
-
-    except TypeError as e:  # a NIXL whose config class cannot be subclassed: run with its busy-polling default
-        log.warning("NIXL: cannot set the progress thread delay (%s); it will busy-poll", e)
-        progress_delay_us = 0
-    try:
-        if progress_delay_us <= 0:
-            return _api.nixl_agent(name, conf)
-        # nixl_agent looks the config class up on the bindings module; swap it only while building ours.
-        with _AGENT_CTOR_LOCK:
-            bindings.nixlAgentConfig = _Config
-            try:
-                return _api.nixl_agent(name, conf)
-            finally:
-                bindings.nixlAgentConfig = stock
-    except Exception as e:
-        raise _nixl_error("could not create the NIXL agent", e) from e
-
-
-def _nixl_error(what: str, exc: BaseException) -> TransferError:
-    # NIXL's exceptions only carry the status name (e.g. NIXL_ERR_REMOTE_DISCONNECT); keep the type too.
-    return TransferError(f"{what}: {type(exc).__name__}: {exc}")
 
 
 def _offsets(regions: list[MemoryRegion]) -> list[int]:
@@ -145,7 +103,7 @@ class _Write:
 
     peer: str
     xfer: Any
-    status: Status = Status.PENDING
+    status: WriteStatus = WriteStatus.PENDING
     error: str = ""
     released: bool = False
 
@@ -167,9 +125,9 @@ class NixlBackend(TransferBackend):
         super().__init__(settings)
         # The peer knows us by this name (it is inside our metadata), so it must be unique across the cluster.
         self.agent_name = settings.agent_name or f"pdserve-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        delay_us = int(settings.extra.get("nixl_progress_delay_us", _PROGRESS_DELAY_US))
-        self._agent = _make_agent(self.agent_name, delay_us)
-        if _UCX not in self._agent.backends:
+        delay_us = int(settings.extra.get("nixl_progress_delay_us", PROGRESS_DELAY_US))
+        self._agent = make_agent(self.agent_name, delay_us)
+        if UCX not in self._agent.backends:
             # nixl_agent only logs a warning when the plugin is missing; without it nothing can move.
             raise TransferError(f"NIXL's UCX plugin is not available (plugins: {self._agent.get_plugin_list()})")
         # The agent runs without NIXL's own locking (no listener thread); callers may poll from another thread.
@@ -208,11 +166,11 @@ class NixlBackend(TransferBackend):
             reg = [(r.base, r.nbytes, self._dev_id, "") for r in regions if r.num_items > 0]
             try:
                 if reg:
-                    self._reg_descs = self._agent.register_memory(reg, self._mem_type, backends=[_UCX])
+                    self._reg_descs = self._agent.register_memory(reg, self._mem_type, backends=[UCX])
                 self._local_dlist = self._prep(_LOCAL, regions, self._mem_type, self._dev_id)
             except Exception as e:
                 self._deregister()
-                raise _nixl_error(f"NIXL could not register {len(regions)} regions ({self._mem_type})", e) from e
+                raise nixl_error(f"NIXL could not register {len(regions)} regions ({self._mem_type})", e) from e
             self._regions = list(regions)
             self._offsets = _offsets(regions)
             self._registered = True
@@ -221,7 +179,7 @@ class NixlBackend(TransferBackend):
         if self._compressed:
             try:
                 return self._agent.prep_xfer_dlist(
-                    agent, _descriptor_rows(regions, dev_id, True), mem_type, backends=[_UCX]
+                    agent, _descriptor_rows(regions, dev_id, True), mem_type, backends=[UCX]
                 )
             except Exception as e:
                 if agent != _LOCAL:
@@ -229,7 +187,7 @@ class NixlBackend(TransferBackend):
                 # NIXL before the Nx5 form: it takes the array for something else and fails; expand instead.
                 log.info("NIXL rejected a compressed descriptor list (%s); using one row per item", e)
                 self._compressed = False
-        return self._agent.prep_xfer_dlist(agent, _descriptor_rows(regions, dev_id, False), mem_type, backends=[_UCX])
+        return self._agent.prep_xfer_dlist(agent, _descriptor_rows(regions, dev_id, False), mem_type, backends=[UCX])
 
     def metadata(self) -> bytes:
         with self._lock:
@@ -256,12 +214,12 @@ class NixlBackend(TransferBackend):
             try:
                 remote = self._agent.add_remote_agent(metadata[_MD_HEADER.size :])
             except Exception as e:
-                raise _nixl_error(f"NIXL could not load the metadata of peer {peer!r}", e) from e
+                raise nixl_error(f"NIXL could not load the metadata of peer {peer!r}", e) from e
             try:
                 dlist = self._prep(remote, regions, _MEM_TYPES[mem_code], dev_id)
             except Exception as e:
                 self._forget_remote(remote)
-                raise _nixl_error(
+                raise nixl_error(
                     f"NIXL could not prepare the {len(regions)} regions of peer {peer!r} "
                     f"({_MEM_TYPES[mem_code]} device {dev_id})",
                     e,
@@ -286,8 +244,8 @@ class NixlBackend(TransferBackend):
     def _remove_peer(self, peer: str, why: str) -> None:
         # Writes still in flight to it are cancelled first, so none outlives the descriptors it points at.
         for w in [w for w in self._live if w.peer == peer]:
-            if w.status is Status.PENDING:
-                w.status, w.error = Status.FAILED, f"write to {peer!r} cancelled: {why}"
+            if w.status is WriteStatus.PENDING:
+                w.status, w.error = WriteStatus.FAILED, f"write to {peer!r} cancelled: {why}"
             self._release_write(w)
         state = self._peers.pop(peer)
         try:
@@ -318,19 +276,19 @@ class NixlBackend(TransferBackend):
             try:
                 xfer = self._agent.make_prepped_xfer("WRITE", self._local_dlist, local_idx, state.dlist, remote_idx)
             except Exception as e:
-                raise _nixl_error(f"NIXL could not create a write of {local_idx.size} items to {peer!r}", e) from e
+                raise nixl_error(f"NIXL could not create a write of {local_idx.size} items to {peer!r}", e) from e
             # A NIXL handle allows one transfer in flight, so every write gets its own handle.
             write = _Write(peer, xfer)
             try:
                 state_str = self._agent.transfer(xfer)
             except Exception as e:
                 self._release_write(write)
-                raise _nixl_error(f"NIXL write to {peer!r} failed", e) from e
+                raise nixl_error(f"NIXL write to {peer!r} failed", e) from e
             if state_str == "ERR":
                 self._release_write(write)
                 raise TransferError(f"NIXL write to {peer!r} failed: transfer() returned ERR")
             if state_str == "DONE":  # small or shared-memory writes finish inside transfer()
-                write.status = Status.DONE
+                write.status = WriteStatus.DONE
             self._live.add(write)
             return write
 
@@ -356,24 +314,24 @@ class NixlBackend(TransferBackend):
         remote_starts = np.fromiter((state.offsets[c.region] + c.dst for c in copies), np.int64, len(copies))
         return _runs_to_indices(local_starts, counts), _runs_to_indices(remote_starts, counts)
 
-    def poll(self, handle: Any) -> tuple[Status, str]:
+    def poll(self, handle: Any) -> tuple[WriteStatus, str]:
         if handle is EMPTY_WRITE:
-            return Status.DONE, ""
+            return WriteStatus.DONE, ""
         w: _Write = handle
         with self._lock:
-            if w.status is not Status.PENDING:
+            if w.status is not WriteStatus.PENDING:
                 return w.status, w.error
             if w.released or self._closed:
-                w.status, w.error = Status.FAILED, f"write to {w.peer!r} was released before it finished"
+                w.status, w.error = WriteStatus.FAILED, f"write to {w.peer!r} was released before it finished"
                 return w.status, w.error
             try:
                 state = self._agent.check_xfer_state(w.xfer)
             except Exception as e:  # e.g. nixlRemoteDisconnectError when the peer died mid-write
                 state, w.error = "ERR", f"NIXL write to {w.peer!r} failed: {type(e).__name__}: {e}"
             if state == "DONE":
-                w.status = Status.DONE
+                w.status = WriteStatus.DONE
             elif state == "ERR":
-                w.status = Status.FAILED
+                w.status = WriteStatus.FAILED
                 w.error = w.error or f"NIXL write to {w.peer!r} failed: check_xfer_state returned ERR"
             return w.status, w.error
 
@@ -404,8 +362,8 @@ class NixlBackend(TransferBackend):
             if self._closed:
                 return
             for w in list(self._live):
-                if w.status is Status.PENDING:
-                    w.status, w.error = Status.FAILED, f"write to {w.peer!r} cancelled: backend closed"
+                if w.status is WriteStatus.PENDING:
+                    w.status, w.error = WriteStatus.FAILED, f"write to {w.peer!r} cancelled: backend closed"
                 self._release_write(w)
             for peer in list(self._peers):
                 self._remove_peer(peer, "backend closed")
@@ -422,7 +380,7 @@ class NixlBackend(TransferBackend):
             self._local_dlist = None
         if self._reg_descs is not None:
             try:
-                self._agent.deregister_memory(self._reg_descs, backends=[_UCX])
+                self._agent.deregister_memory(self._reg_descs, backends=[UCX])
             except Exception as e:
                 log.warning("NIXL: deregistering memory failed: %s", e)
         self._reg_descs = None

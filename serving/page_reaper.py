@@ -1,0 +1,71 @@
+"""Pages of failed or aborted requests, held until no KV write can still land in them, then freed.
+
+A room that failed (timeout, abort, peer error) may still have writes in flight: the peer issued them
+before it learnt of the failure, and they land in whatever pages the room named. Freeing those pages at
+once would let the next request's KV be overwritten, so both schedulers hand such requests here; the
+transfer handle's `safe_to_free()` says when the pages may go back. This is the one place that counts
+a failed transfer, holds its pages and frees them, for the prefill and the decode scheduler alike.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from contracts.metrics import FailureReason, Metrics, Role, Stage, count_failure
+from engine.kvcache import PageAllocator
+from engine.request import FinishReason, Request
+
+__all__ = ["PageReaper", "TransferHandle"]
+
+
+class TransferHandle(Protocol):
+    """What the reaper needs of a room handle (`transfer.prefill.KVSender`, `transfer.decode.KVReceiver`)."""
+
+    @property
+    def error(self) -> str: ...
+
+    @property
+    def reason(self) -> FailureReason | None: ...
+
+    def safe_to_free(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class PageReaper:
+    """The zombies of one scheduler: failed or aborted requests whose pages are not yet safe to free."""
+
+    def __init__(self, allocator: PageAllocator, metrics: Metrics, role: Role) -> None:
+        self._allocator = allocator
+        self._metrics = metrics
+        self._role = role
+        self._held: list[tuple[Request, TransferHandle | None]] = []
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def failed(self, req: Request, handle: TransferHandle, stage: Stage) -> None:
+        """`req`'s transfer failed while in `stage`: hold its pages and count the failure under the reason
+        the transfer layer recorded with it."""
+        self.hold(req, handle)
+        reason = handle.reason
+        assert reason is not None, "the transfer layer sets a room's reason together with FAILED"
+        count_failure(self._metrics, self._role, stage, reason)
+
+    def hold(self, req: Request, handle: TransferHandle | None) -> None:
+        """Keep `req`'s pages until `handle` says no write can touch them (None: no transfer, free next reap)."""
+        self._held.append((req, handle))
+
+    def reap(self) -> None:
+        """Free the pages (and release the room) of every held request that became safe."""
+        for entry in list(self._held):
+            req, handle = entry
+            if handle is not None and not handle.safe_to_free():
+                continue
+            self._held.remove(entry)  # first: a failure below must not free these pages twice
+            if handle is not None:
+                handle.release()
+            if req.pages:
+                self._allocator.free(req.pages)
+                req.pages = []
+            req.finish_reason = FinishReason.ABORT
