@@ -251,6 +251,8 @@ def test_transferring_timeout(clean_pair):
     decode.wait_state(room, {"TRANSFERRING"}, 10)
     out = decode.wait_state(room, {"FAILED"}, TIMEOUTS["transferring"] + 5)
     assert "timed out in TRANSFERRING" in out["error"]
+    # whichever side's deadline fired first, decode counts a timeout (prefill's Status carries the reason)
+    assert out["reason"] == "timed_out"
     assert prefill.wait_state(room, {"FAILED"}, 5)["state"] == "FAILED"
     release_both(prefill, decode, room)
 

@@ -229,8 +229,11 @@ class DecodeTransferManager(TransferManager):
                 return
             if state == TransferState.FAILED:
                 r.released_by_prefill = msg.drained
-                # The Status message carries no reason (v1 wire), so a failure prefill reports is FAILED here.
-                self._fail(msg.room, msg.error or "prefill reported failure", FailureReason.FAILED, tell_prefill=False)
+                try:
+                    reason = FailureReason(msg.reason)
+                except ValueError:  # empty or unknown: count it, under the generic reason
+                    reason = FailureReason.FAILED
+                self._fail(msg.room, msg.error or "prefill reported failure", reason, tell_prefill=False)
             elif state == TransferState.SUCCESS:
                 row = self.aux.read(r.aux_row)
                 if row.room != msg.room or row.prompt_len != r.prompt_len:

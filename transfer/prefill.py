@@ -205,7 +205,13 @@ class PrefillTransferManager(TransferManager):
         if info.session in r.infos or len(r.infos) >= max(r.required, 1) or r.state.terminal:
             self.send(
                 endpoint,
-                Status(info.room, TransferState.FAILED, self.cfg.tp_rank, f"duplicate bootstrap_room {info.room}"),
+                Status(
+                    info.room,
+                    TransferState.FAILED,
+                    self.cfg.tp_rank,
+                    f"duplicate bootstrap_room {info.room}",
+                    reason=FailureReason.FAILED.value,
+                ),
             )
             return
         r.infos[info.session] = info
@@ -268,7 +274,16 @@ class PrefillTransferManager(TransferManager):
                 self._tell_decode(room, r, Abort(room, self.endpoint, r.state.error))
             else:
                 self._tell_decode(
-                    room, r, Status(room, TransferState.FAILED, self.cfg.tp_rank, r.state.error, drained=drained)
+                    room,
+                    r,
+                    Status(
+                        room,
+                        TransferState.FAILED,
+                        self.cfg.tp_rank,
+                        r.state.error,
+                        drained=drained,
+                        reason=(r.state.reason or FailureReason.FAILED).value,
+                    ),
                 )
             for endpoint in r.abort_acks_to:
                 self.send(endpoint, AbortAck(room, self.cfg.tp_rank))

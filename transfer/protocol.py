@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from contracts.codec import Codec, CodecError, Record
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # v2: Status carries the failure's typed reason
 
 # The codec's own error: `except ProtocolError` catches every decoding failure of this channel.
 ProtocolError = CodecError
@@ -75,6 +75,7 @@ class Status(Record):
     sender_rank: int
     error: str = ""
     drained: bool = True
+    reason: str = ""  # a FailureReason value when state is FAILED, so both sides count the same reason
 
 
 @dataclass
