@@ -45,6 +45,13 @@ class SamplingParams:
 
         Called once at request admission; the sampler itself does not re-validate on every step.
         """
+        self._check_numbers()
+        self._check_seed()
+        self._check_stops()
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+
+    def _check_numbers(self) -> None:
         if not _is_int(self.max_new_tokens):
             raise ValueError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
@@ -68,12 +75,15 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:  # also rejects NaN
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
-        if self.seed is not None:
-            if not _is_int(self.seed):
-                raise ValueError(f"seed must be an integer or null, got {self.seed!r}")
-            if not _SEED_MIN <= self.seed <= _SEED_MAX:
-                raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+    def _check_seed(self) -> None:
+        if self.seed is None:
+            return
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or null, got {self.seed!r}")
+        if not _SEED_MIN <= self.seed <= _SEED_MAX:
+            raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
 
+    def _check_stops(self) -> None:
         if not isinstance(self.stop_token_ids, (list, tuple)):
             raise ValueError(f"stop_token_ids must be a list of integers, got {type(self.stop_token_ids).__name__}")
         for i, tok in enumerate(self.stop_token_ids):
@@ -91,9 +101,6 @@ class SamplingParams:
                 raise ValueError(f"stop[{i}] must be a string, got {s!r}")
             if not s:
                 raise ValueError(f"stop[{i}] must be a non-empty string")
-
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
 
     @property
     def is_greedy(self) -> bool:

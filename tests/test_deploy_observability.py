@@ -350,6 +350,19 @@ def _query(prom: str, expr: str) -> list[dict]:
     return r.json()["data"]["result"]
 
 
+def _wait_prometheus_ready(proc: subprocess.Popen, prom: str, log_path: Path, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, "prometheus exited:\n" + log_path.read_text()
+        try:
+            if httpx.get(f"{prom}/-/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "prometheus not ready:\n" + log_path.read_text()
+        time.sleep(0.2)
+
+
 def test_real_prometheus_evaluates_ttft_p99(stack, tmp_path):
     """Prometheus scrapes the stack every 1 s and evaluates the committed rule file every 1 s.
 
@@ -401,16 +414,7 @@ def test_real_prometheus_evaluates_ttft_p99(stack, tmp_path):
 
     loader = threading.Thread(target=load, daemon=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, "prometheus exited:\n" + (tmp_path / "prometheus.log").read_text()
-            try:
-                if httpx.get(f"{prom}/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "prometheus not ready:\n" + (tmp_path / "prometheus.log").read_text()
-            time.sleep(0.2)
+        _wait_prometheus_ready(proc, prom, tmp_path / "prometheus.log")
         loader.start()
         expr = 'role:pdserve_time_to_first_token_seconds:p99_rate5m{role="router"}'
         deadline, value, result = time.monotonic() + 60, None, []

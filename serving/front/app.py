@@ -88,6 +88,16 @@ def create_app(cfg: FrontConfig) -> FastAPI:
     app = FastAPI(title="pdserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.front = front
 
+    _add_error_handlers(app)
+    app.add_middleware(_CatchAllMiddleware)
+    _add_generation_routes(app, front)
+    _add_info_routes(app, front)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error FastAPI or Starlette would answer itself gets the OpenAI error body instead."""
+
     @app.exception_handler(api.APIError)
     async def _api_error(request: Request, exc: api.APIError) -> JSONResponse:
         return error_response(exc)
@@ -102,7 +112,9 @@ def create_app(cfg: FrontConfig) -> FastAPI:
             api.APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code, headers=exc.headers
         )
 
-    app.add_middleware(_CatchAllMiddleware)
+
+def _add_generation_routes(app: FastAPI, front: Front) -> None:
+    """The three generation dialects; each route only names its dialect."""
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:
@@ -115,6 +127,10 @@ def create_app(cfg: FrontConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await front.handle("chat", request)
+
+
+def _add_info_routes(app: FastAPI, front: Front) -> None:
+    """Control, health, info and metrics endpoints (SGLang's names, with their `get_` aliases)."""
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:
@@ -156,8 +172,6 @@ def create_app(cfg: FrontConfig) -> FastAPI:
         # In multiprocess mode this reads every process's files: keep it off the event loop.
         body, content_type = await asyncio.to_thread(render)
         return Response(body, media_type=content_type)
-
-    return app
 
 
 def run_front(cfg: FrontConfig, host: str, port: int) -> None:
