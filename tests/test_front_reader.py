@@ -2,7 +2,7 @@
 
 The front reads every scheduler message in one asyncio task; if a malformed message killed it, every
 request in flight would hang until its timeout. Here a real front (uvicorn + the stand-in scheduler of
-test_api) receives garbage bytes, a message of another protocol version and one of an unknown type, all
+front_standin) receives garbage bytes, a message of another protocol version and one of an unknown type, all
 aimed at a live request, and must drop them and still deliver the good `RequestOutput` that follows.
 """
 
@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from serving.ipc import CODEC, RequestOutput, pack
-from tests.test_api import Server, wait_for
+from tests.front_standin import Server, wait_for
 
 
 def test_reader_drops_bad_messages_and_delivers_the_next_good_one(caplog: pytest.LogCaptureFixture) -> None:
