@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from serving.api.errors import APIError, bad, tname
 
 __all__ = [
+    "UNSUPPORTED_SAMPLING_COMMON",
     "Unsupported",
     "get_bool",
     "get_field",
@@ -176,3 +177,15 @@ def is_one(v: Any) -> bool:
 
 def is_empty(v: Any) -> bool:
     return v in ({}, [], "")
+
+
+# Sampling options both dialects (SGLang's sampling_params, OpenAI's top level) name the same way and that
+# this server cannot honour: accepted only at their neutral value.
+UNSUPPORTED_SAMPLING_COMMON: Unsupported = {
+    "presence_penalty": (is_zero, "no penalties"),
+    "frequency_penalty": (is_zero, "no penalties"),
+    "repetition_penalty": (is_one, "no penalties"),
+    "min_p": (is_zero, "no min_p sampling"),
+    "logit_bias": (is_empty, "no logit bias"),
+    "skip_special_tokens": (lambda v: v is True, "special tokens are always skipped"),
+}

@@ -12,6 +12,7 @@ from typing import Any
 from contracts.pd import batch_size
 from serving.api.errors import bad, tname
 from serving.api.fields import (
+    UNSUPPORTED_SAMPLING_COMMON,
     Unsupported,
     get_bool,
     get_int,
@@ -38,19 +39,14 @@ __all__ = ["parse_generate"]
 
 # sampling_params keys SGLang defines that we cannot honour: accepted only at their neutral value.
 _UNSUPPORTED_SAMPLING: Unsupported = {
+    **UNSUPPORTED_SAMPLING_COMMON,
     "n": (is_one, "only n=1"),
     "min_new_tokens": (is_zero, "no minimum length"),
-    "min_p": (is_zero, "no min_p sampling"),
-    "frequency_penalty": (is_zero, "no penalties"),
-    "presence_penalty": (is_zero, "no penalties"),
-    "repetition_penalty": (is_one, "no penalties"),
-    "logit_bias": (is_empty, "no logit bias"),
     "json_schema": (is_empty, "no constrained decoding"),
     "regex": (is_empty, "no constrained decoding"),
     "ebnf": (is_empty, "no constrained decoding"),
     "structural_tag": (is_empty, "no constrained decoding"),
     "no_stop_trim": (lambda v: v is False, "stop strings are always trimmed"),
-    "skip_special_tokens": (lambda v: v is True, "special tokens are always skipped"),
 }
 # Keys that only affect presentation or batching and can be ignored without changing the output.
 _IGNORED_SAMPLING = frozenset({"spaces_between_special_tokens", "stream_interval", "custom_params"})

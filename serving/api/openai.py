@@ -12,6 +12,7 @@ from typing import Any
 from contracts.pd import batch_size
 from serving.api.errors import APIError, bad, tname
 from serving.api.fields import (
+    UNSUPPORTED_SAMPLING_COMMON,
     Unsupported,
     get_bool,
     get_field,
@@ -41,18 +42,13 @@ from serving.api.spec import (
 __all__ = ["check_model", "openai_common", "parse_completion"]
 
 _UNSUPPORTED: Unsupported = {
-    "presence_penalty": (is_zero, "no penalties"),
-    "frequency_penalty": (is_zero, "no penalties"),
-    "repetition_penalty": (is_one, "no penalties"),
-    "min_p": (is_zero, "no min_p sampling"),
+    **UNSUPPORTED_SAMPLING_COMMON,
     "min_tokens": (is_zero, "no minimum length"),
-    "logit_bias": (is_empty, "no logit bias"),
     "guided_json": (is_empty, "no constrained decoding"),
     "guided_regex": (is_empty, "no constrained decoding"),
     "guided_choice": (is_empty, "no constrained decoding"),
     "guided_grammar": (is_empty, "no constrained decoding"),
     "include_stop_str_in_output": (lambda v: v is False, "stop strings are always trimmed"),
-    "skip_special_tokens": (lambda v: v is True, "special tokens are always skipped"),
     "prompt_logprobs": (is_zero, "no prompt logprobs"),
     "response_format": (lambda v: isinstance(v, dict) and v.get("type") in (None, "text"), "text output only"),
 }

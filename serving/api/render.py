@@ -130,6 +130,22 @@ def completion_logprobs(token_texts: Sequence[str], logprobs: Sequence[float], t
     }
 
 
+def _envelope(
+    obj_type: str, request_id: str, created: int, model: str, choices: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The fields every OpenAI answer and chunk starts with."""
+    return {"id": request_id, "object": obj_type, "created": created, "model": model, "choices": choices}
+
+
+def _chunk(
+    obj_type: str, request_id: str, created: int, model: str, choice: dict[str, Any], include_usage: bool
+) -> dict[str, Any]:
+    obj = _envelope(obj_type, request_id, created, model, [choice])
+    if include_usage:
+        obj["usage"] = None  # OpenAI: every chunk carries usage=null when the final usage chunk will come
+    return obj
+
+
 def completion_response(
     request_id: str,
     created: int,
@@ -138,22 +154,16 @@ def completion_response(
     logprobs: Sequence[dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
     """A whole `/v1/completions` answer, one choice per prompt."""
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": r.index,
-                "text": r.text,
-                "logprobs": logprobs[i] if logprobs else None,
-                "finish_reason": r.finish_reason,
-            }
-            for i, r in enumerate(results)
-        ],
-        "usage": usage(results),
-    }
+    choices = [
+        {
+            "index": r.index,
+            "text": r.text,
+            "logprobs": logprobs[i] if logprobs else None,
+            "finish_reason": r.finish_reason,
+        }
+        for i, r in enumerate(results)
+    ]
+    return {**_envelope("text_completion", request_id, created, model, choices), "usage": usage(results)}
 
 
 def completion_chunk(
@@ -167,16 +177,8 @@ def completion_chunk(
     include_usage: bool = False,
 ) -> dict[str, Any]:
     """One streamed `/v1/completions` chunk: one prompt's new text."""
-    obj: dict[str, Any] = {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-    }
-    if include_usage:
-        obj["usage"] = None  # OpenAI: every chunk carries usage=null when the final usage chunk will come
-    return obj
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _chunk("text_completion", request_id, created, model, choice, include_usage)
 
 
 # OpenAI chat -----------------------------------------------------------------------------------
@@ -196,21 +198,9 @@ def chat_response(
     request_id: str, created: int, model: str, r: PromptResult, logprobs: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """A whole `/v1/chat/completions` answer."""
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": r.text},
-                "logprobs": logprobs,
-                "finish_reason": r.finish_reason,
-            }
-        ],
-        "usage": usage([r]),
-    }
+    message = {"role": "assistant", "content": r.text}
+    choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": r.finish_reason}
+    return {**_envelope("chat.completion", request_id, created, model, [choice]), "usage": usage([r])}
 
 
 def chat_chunk(
@@ -223,25 +213,11 @@ def chat_chunk(
     include_usage: bool = False,
 ) -> dict[str, Any]:
     """One streamed chat chunk carrying `delta` (the role first, then content pieces)."""
-    obj: dict[str, Any] = {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-    }
-    if include_usage:
-        obj["usage"] = None
-    return obj
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    return _chunk("chat.completion.chunk", request_id, created, model, choice, include_usage)
 
 
 def usage_chunk(kind: Kind, request_id: str, created: int, model: str, results: Sequence[PromptResult]) -> dict:
     """The last chunk of a stream with stream_options.include_usage: no choices, the usage totals."""
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage(results),
-    }
+    obj_type = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return {**_envelope(obj_type, request_id, created, model, []), "usage": usage(results)}
