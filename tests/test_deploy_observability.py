@@ -127,7 +127,7 @@ def _family(sample_name: str, histograms: set[str]) -> str:
 
 def _defined_sample_names() -> tuple[set[str], set[str]]:
     """(sample names contracts/metrics.py can export, its histogram names), from the real definitions."""
-    from serving import metrics as sm
+    from contracts import metrics as sm
 
     # registry=None objects (what multiprocess mode builds): nothing is registered globally.
     m = sm._build(multiproc=True)
@@ -295,7 +295,7 @@ def test_dashboard_expressions_parse(tmp_path):
     _run([promtool, "check", "rules", str(f)])
 
 
-def test_queried_metrics_are_defined_in_serving_metrics():
+def test_queried_metrics_are_defined_in_contracts_metrics():
     defined, _ = _defined_sample_names()
     assert _queried_names() - defined == set(), "queried metrics that contracts/metrics.py does not define"
 

@@ -15,7 +15,7 @@ from contracts import metrics as M
 
 def _record(multiproc_dir: str, running: int, ttft: float, n_ok: int) -> None:
     """Runs in a spawned child: set up multiprocess mode, then record a known set of values."""
-    from serving import metrics
+    from contracts import metrics
 
     # Imported before setup on purpose: laziness must make the order irrelevant.
     metrics.setup_multiprocess(multiproc_dir)
@@ -39,7 +39,7 @@ def _record(multiproc_dir: str, running: int, ttft: float, n_ok: int) -> None:
 
 def _late_setup(multiproc_dir: str) -> str:
     """Runs in a spawned child: setup after metrics exist must fail loudly, not silently split values."""
-    from serving import metrics
+    from contracts import metrics
 
     metrics.get_metrics()
     try:

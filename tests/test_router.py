@@ -20,9 +20,12 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from router.app import ROOM_MAX, _ContentScanner, _event_has_content, assign_rids, batch_size, create_app, draw_rooms
+from contracts.pd import ROOM_MAX, RidError, batch_size
+from router.app import create_app
 from router.config import PrefillServer, RouterConfig, RouterConfigError, add_router_args, router_config
+from router.pd_body import assign_rids, draw_rooms
 from router.policies import LeastLoadPolicy, LoadTracker, RandomPolicy, RoundRobinPolicy, make_policy, parse_load
+from router.sse import ContentScanner, event_has_content
 
 # the stand-ins raise on purpose (a decode dying mid-stream); keep uvicorn from printing those tracebacks
 UVICORN_LOG = "critical"
@@ -164,20 +167,23 @@ def test_batch_detection_rids_and_rooms() -> None:
     assert batch_size({"messages": [{"role": "user", "content": "x"}]}) is None
     assert len(assign_rids(None, None)) == 1 and len(assign_rids(None, 3)) == 3
     assert assign_rids("r1", None) == ["r1"] and assign_rids(["a", "b"], 2) == ["a", "b"]
-    for rid, n in (("r", 2), (["a"], 2), (["a", "a"], 2), (3, None), ("", None)):
-        with pytest.raises(ValueError, match="rid"):
+    # The shared rid rule (contracts.pd): a string rid on a batch of n names prompt i `<rid>_<i>`. This replaces
+    # the old router-only rule that refused it (the one sanctioned assertion change of the router split).
+    assert assign_rids("r", 2) == ["r_0", "r_1"]
+    for rid, n in ((["a"], 2), (["a", "a"], 2), (3, None), ("", None), (["a", ""], 2)):
+        with pytest.raises(RidError, match="rid"):
             assign_rids(rid, n)
     rooms = draw_rooms(50)
     assert len(set(rooms)) == 50 and all(0 <= r <= ROOM_MAX for r in rooms)
 
 
 def test_content_detection_for_ttft() -> None:
-    assert not _event_has_content(b'data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}')
-    assert _event_has_content(b'data: {"choices":[{"index":0,"delta":{"content":"H"}}]}')
-    assert _event_has_content(b'data: {"choices":[{"index":0,"text":"H"}]}')
-    assert _event_has_content(b'data: {"text":"H","meta_info":{}}')
-    assert not _event_has_content(b"data: [DONE]") and not _event_has_content(b'data: {"error":{}}')
-    s = _ContentScanner()
+    assert not event_has_content(b'data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}')
+    assert event_has_content(b'data: {"choices":[{"index":0,"delta":{"content":"H"}}]}')
+    assert event_has_content(b'data: {"choices":[{"index":0,"text":"H"}]}')
+    assert event_has_content(b'data: {"text":"H","meta_info":{}}')
+    assert not event_has_content(b"data: [DONE]") and not event_has_content(b'data: {"error":{}}')
+    s = ContentScanner()
     assert not s.feed(b'data: {"choices":[{"te')  # split mid-line
     assert s.feed(b'xt":"Hi"}]}\n\n')
 
@@ -379,8 +385,18 @@ def test_batches_get_lists(sv: dict[str, StandIn], make_router: Any) -> None:
     assert len(set(p[0]["bootstrap_room"])) == 3 and len(set(p[0]["rid"])) == 3
     assert p[1]["rid"] == ["x", "y"] and len(p[1]["bootstrap_room"]) == 2
     assert isinstance(p[2]["bootstrap_room"], int) and isinstance(p[2]["rid"], str)
+    # Sanctioned assertion change (one rid rule for router and servers, contracts.pd): a string rid on a batch used
+    # to get a 400 from the router; now prompt i gets `<rid>_<i>`, sent as that list to both servers.
     r = httpx.post(url + "/generate", json={"text": ["a", "b"], "rid": "one"})
-    assert r.status_code == 400 and "rid" in r.json()["error"]["message"]
+    assert r.status_code == 200
+    p, d = sv["p1"].generate_bodies(4), sv["d1"].generate_bodies()
+    assert p[3] == d[3] and p[3]["rid"] == ["one_0", "one_1"] and len(set(p[3]["bootstrap_room"])) == 2
+    # a rid that does not fit the prompts: refused before dispatch, as the servers refuse it (param "rid")
+    r = httpx.post(url + "/generate", json={"text": ["a", "b"], "rid": ["x"]})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "rid" and err["type"] == "invalid_request_error"
+    assert err["message"] == "'rid' has 1 entries but the request has 2 prompt(s); they must match"
+    assert len(sv["p1"].requests) == 4 and len(sv["d1"].requests) == 4
 
 
 def test_stream_is_passed_through_incrementally(sv: dict[str, StandIn], make_router: Any) -> None:
