@@ -9,8 +9,10 @@ Starts real `pdserve prefill`, `pdserve decode` and `pdserve router` processes o
 
 Closed loop: `concurrency` workers each send their next request when the previous one finishes. Greedy, ignore_eos,
 so every request yields exactly --output-len tokens. Per request, client side: TTFT (send -> first SSE chunk carrying
-text), inter-token latency (gaps between text chunks); per cell: TTFT/ITL p50/p99 and output tokens/s. The router's
-added latency is its TTFT p50 minus direct's at the same concurrency.
+text), inter-token latency (gaps between text chunks); per cell: TTFT/ITL p50/p99, output tokens/s and the router
+process's CPU time per request (user + system, all its threads, over the timed runs: on a shared host that is CPU
+taken from the servers, and it is far less noisy than latency). The router's added latency is its TTFT p50 minus
+direct's at the same concurrency.
 
     .venv/bin/python bench/serve.py [--backend mooncake] [--concurrency 1,8,32] [--doors pdserve,sglang,direct]
 """
@@ -87,6 +89,25 @@ class Cell:
     wall: float = 0.0  # summed over rounds: each round's first send to its last answer
     round_ttft_p50: list[float] = field(default_factory=list)  # per round, to show how much rounds disagree
     errors: list[str] = field(default_factory=list)
+    cpu_s: float | None = None  # the router process's CPU time (user + system, all threads) over the timed runs
+
+
+PROC_NAME = {"pdserve": "router", "sglang": "sglang-router"}  # the door's process in the Stack
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its descendants, all threads (Linux /proc); 0 where it cannot be read."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 class Door:
@@ -103,6 +124,11 @@ class Door:
         urls = [stack.prefill_url, stack.decode_url] if name == "direct" else [url]
         self.clients = {u: httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) for u in urls if u}
         self.url = url
+        procs = [p for p in stack.procs if p.name == PROC_NAME.get(name)]
+        self.pid = procs[0].proc.pid if procs else None
+
+    def cpu(self) -> float | None:
+        return cpu_seconds(self.pid) if self.pid is not None else None
 
     async def close(self) -> None:
         for c in self.clients.values():
@@ -230,9 +256,13 @@ async def bench(
                     res, _ = await run_closed_loop(opened[name], warm, conc, 4)
                     if errs := [x for x in res if isinstance(x, BaseException)]:
                         raise RuntimeError(f"{DOOR_LABEL[name]} failed during warm-up: {errs[0]!r}")
+                    cpu0 = opened[name].cpu()
                     res, wall = await run_closed_loop(opened[name], prompts, conc, args.output_len)
+                    cpu1 = opened[name].cpu()
                     cell = cells.setdefault((conc, name), Cell())
                     cell.wall += wall
+                    if cpu0 is not None and cpu1 is not None:
+                        cell.cpu_s = (cell.cpu_s or 0.0) + cpu1 - cpu0
                     for x in res:
                         if isinstance(x, BaseException):
                             cell.errors.append(f"{type(x).__name__}: {x}")
@@ -251,7 +281,7 @@ async def bench(
     return cells
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="mooncake", choices=["mooncake", "nixl"])
     ap.add_argument("--concurrency", default="1,8,32")
@@ -268,10 +298,90 @@ def main() -> None:
     )
     ap.add_argument("--doors", default=",".join(DOORS))
     args = ap.parse_args()
-    wanted = args.doors.split(",")
-    if unknown := set(wanted) - set(DOORS):
+    args.wanted = args.doors.split(",")
+    if unknown := set(args.wanted) - set(DOORS):
         ap.error(f"unknown door(s) {sorted(unknown)}; choose from {','.join(DOORS)}")
+    return args
 
+
+def open_doors(stack: Stack, wanted: list[str], notes: list[str]) -> dict[str, str | None]:
+    """The URL of each wanted door (None for direct); a door that cannot be had is noted and left out."""
+    doors: dict[str, str | None] = {}
+    for name in wanted:
+        if name == "pdserve":
+            doors[name] = stack.router_url
+        elif name == "direct":
+            doors[name] = None
+        elif importlib.util.find_spec("sglang_router") is None:
+            notes.append("sglang-router: skipped, not installed (pip install sglang-router)")
+        else:
+            try:
+                doors[name] = stack.start_sglang_router()
+            except (RuntimeError, TimeoutError) as e:
+                notes.append(f"sglang-router: skipped, did not start: {str(e).splitlines()[0]}")
+    return doors
+
+
+def print_table(args: argparse.Namespace, cells: dict[tuple[int, str], Cell], notes: list[str]) -> None:
+    print(
+        f"{'conc':>4}  {'front door':<15} {'n':>4} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
+        f"{'ITL p50 ms':>11} {'ITL p99 ms':>11} {'tok/s':>8} {'router CPU ms/req':>18}"
+    )
+    bad_tokens = no_usage = 0
+    for (conc, name), cell in cells.items():
+        ttfts = [s.ttft * 1e3 for s in cell.samples]
+        itls = [g * 1e3 for s in cell.samples for g in s.itls]
+        toks = sum(s.tokens if s.tokens >= 0 else args.output_len for s in cell.samples)
+        bad_tokens += sum(1 for s in cell.samples if s.tokens not in (-1, args.output_len))
+        no_usage += sum(1 for s in cell.samples if s.tokens == -1)
+        cpu = cell.cpu_s * 1e3 / len(cell.samples) if cell.cpu_s is not None and cell.samples else math.nan
+        print(
+            f"{conc:>4}  {DOOR_LABEL[name]:<15} {len(cell.samples):>4} {percentile(ttfts, 50):>12.1f} "
+            f"{percentile(ttfts, 99):>12.1f} {percentile(itls, 50):>11.2f} {percentile(itls, 99):>11.2f} "
+            f"{toks / cell.wall if cell.wall else math.nan:>8.1f} {cpu:>18.2f}"
+        )
+    for n in notes:
+        print(n)
+    for (conc, name), cell in cells.items():
+        if cell.errors:
+            print(f"concurrency {conc}, {DOOR_LABEL[name]}: {len(cell.errors)} failed, first: {cell.errors[0]}")
+    if bad_tokens:
+        print(f"warning: {bad_tokens} requests did not report exactly {args.output_len} completion tokens")
+    if no_usage:
+        print(f"note: {no_usage} requests reported no usage; counted as {args.output_len} tokens each")
+
+
+def print_added(cells: dict[tuple[int, str], Cell], wanted: list[str]) -> None:
+    """Each router's TTFT p50 over direct's, and pdserve's over sglang-router's, per concurrency."""
+    for conc in sorted({c for c, _ in cells}):
+        p50 = {name: percentile([s.ttft for s in cells[conc, name].samples], 50) * 1e3
+               for name in DOORS if (conc, name) in cells}  # fmt: skip
+        if "pdserve" in p50 and "sglang" in p50:
+            print(
+                f"pdserve router / sglang-router TTFT p50 at concurrency {conc}: {p50['pdserve'] / p50['sglang']:.2f}x"
+            )
+        if "direct" not in p50:
+            continue
+        base, direct = p50["direct"], cells[conc, "direct"]
+        parts = []
+        for name in ("pdserve", "sglang"):
+            if name in p50:
+                # the same difference per round (each round runs every door back to back): its spread is the noise
+                diffs = [
+                    (a - b) * 1e3 for a, b in zip(cells[conc, name].round_ttft_p50, direct.round_ttft_p50, strict=True)
+                ]
+                parts.append(
+                    f"{DOOR_LABEL[name].split()[0]} {p50[name] - base:+.1f} ms ({p50[name] / base:.2f}x; "
+                    f"rounds {min(diffs):+.0f}..{max(diffs):+.0f} ms)"
+                )
+            elif name in wanted:
+                parts.append(f"{DOOR_LABEL[name].split()[0]} n/a")
+        if parts:
+            print(f"router added TTFT p50 at concurrency {conc}: " + ", ".join(parts))
+
+
+def main() -> None:
+    args = parse_args()
     tok = Tokenizer.from_pretrained(resolve_model(MODEL))
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
@@ -280,19 +390,7 @@ def main() -> None:
     notes: list[str] = []
     try:
         progress(f"servers ready in {time.perf_counter() - started:.0f}s (logs in {stack.log_dir})")
-        doors: dict[str, str | None] = {}
-        for name in wanted:
-            if name == "pdserve":
-                doors[name] = stack.router_url
-            elif name == "direct":
-                doors[name] = None
-            elif importlib.util.find_spec("sglang_router") is None:
-                notes.append("sglang-router: skipped, not installed (pip install sglang-router)")
-            else:
-                try:
-                    doors[name] = stack.start_sglang_router()
-                except (RuntimeError, TimeoutError) as e:
-                    notes.append(f"sglang-router: skipped, did not start: {str(e).splitlines()[0]}")
+        doors = open_doors(stack, args.wanted, notes)
         for n in notes:
             progress(n)
         cells = asyncio.run(bench(args, stack, doors, tok))
@@ -311,52 +409,8 @@ def main() -> None:
         f"client and servers on {os.cpu_count()} CPUs; 1-min load average {load_before:.1f} before the run, "
         f"{load_after:.1f} after"
     )
-    print(
-        f"{'conc':>4}  {'front door':<15} {'n':>4} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} "
-        f"{'ITL p50 ms':>11} {'ITL p99 ms':>11} {'tok/s':>8}"
-    )
-    bad_tokens = no_usage = 0
-    for (conc, name), cell in cells.items():
-        ttfts = [s.ttft * 1e3 for s in cell.samples]
-        itls = [g * 1e3 for s in cell.samples for g in s.itls]
-        toks = sum(s.tokens if s.tokens >= 0 else args.output_len for s in cell.samples)
-        bad_tokens += sum(1 for s in cell.samples if s.tokens not in (-1, args.output_len))
-        no_usage += sum(1 for s in cell.samples if s.tokens == -1)
-        print(
-            f"{conc:>4}  {DOOR_LABEL[name]:<15} {len(cell.samples):>4} {percentile(ttfts, 50):>12.1f} "
-            f"{percentile(ttfts, 99):>12.1f} {percentile(itls, 50):>11.2f} {percentile(itls, 99):>11.2f} "
-            f"{toks / cell.wall if cell.wall else math.nan:>8.1f}"
-        )
-    for n in notes:
-        print(n)
-    for (conc, name), cell in cells.items():
-        if cell.errors:
-            print(f"concurrency {conc}, {DOOR_LABEL[name]}: {len(cell.errors)} failed, first: {cell.errors[0]}")
-    if bad_tokens:
-        print(f"warning: {bad_tokens} requests did not report exactly {args.output_len} completion tokens")
-    if no_usage:
-        print(f"note: {no_usage} requests reported no usage; counted as {args.output_len} tokens each")
-
-    for conc in sorted({c for c, _ in cells}):
-        if (conc, "direct") not in cells:
-            continue
-        direct = cells[conc, "direct"]
-        base = percentile([s.ttft for s in direct.samples], 50) * 1e3
-        parts = []
-        for name in ("pdserve", "sglang"):
-            if (conc, name) in cells:
-                cell = cells[conc, name]
-                p50 = percentile([s.ttft for s in cell.samples], 50) * 1e3
-                # the same difference per round (each round runs every door back to back): its spread is the noise
-                diffs = [(a - b) * 1e3 for a, b in zip(cell.round_ttft_p50, direct.round_ttft_p50, strict=True)]
-                parts.append(
-                    f"{DOOR_LABEL[name].split()[0]} {p50 - base:+.1f} ms ({p50 / base:.2f}x; "
-                    f"rounds {min(diffs):+.0f}..{max(diffs):+.0f} ms)"
-                )
-            elif name in wanted:
-                parts.append(f"{DOOR_LABEL[name].split()[0]} n/a")
-        if parts:
-            print(f"router added TTFT p50 at concurrency {conc}: " + ", ".join(parts))
+    print_table(args, cells, notes)
+    print_added(cells, args.wanted)
 
 
 if __name__ == "__main__":

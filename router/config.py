@@ -103,6 +103,10 @@ class RouterConfig:
             raise RouterConfigError("decode must be a list of URLs")
         self.prefill = [_prefill_entry(e, i) for i, e in enumerate(self.prefill)]
         self.decode = [normalize_url(u, f"decode[{i}]") for i, u in enumerate(self.decode)]
+        self._check_servers()
+        self._check_settings()
+
+    def _check_servers(self) -> None:
         if not self.prefill:
             raise RouterConfigError("at least one prefill server is required (--prefill URL [BOOTSTRAP_PORT])")
         if not self.decode:
@@ -114,6 +118,8 @@ class RouterConfig:
         both = sorted({p.url for p in self.prefill} & set(self.decode))
         if both:
             raise RouterConfigError(f"a server cannot be both prefill and decode: {', '.join(both)}")
+
+    def _check_settings(self) -> None:
         if self.policy not in POLICIES:
             raise RouterConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):

@@ -8,32 +8,48 @@ in flight (pdserve_running_requests).
 
 from __future__ import annotations
 
-from contracts.metrics import get_metrics, status_label
+from typing import Any
+
+from contracts.metrics import Role, get_metrics, status_label
 from contracts.metrics import render as _render
 
-ROLE = "router"
+ROLE = Role.ROUTER.value  # the label value (str() of the enum member would be "Role.ROUTER")
+
+
+# Labelled children, looked up once: `labels()` takes a lock and builds a key on every call, several times a request.
+# Keyed by the metric object too, so a metrics registry built anew (tests do) is never served stale children.
+_children: dict[tuple[int, str | None], tuple[Any, Any]] = {}
+
+
+def _child(metric: Any, status: str | None = None) -> Any:
+    key = (id(metric), status)
+    hit = _children.get(key)
+    if hit is None or hit[0] is not metric:
+        child = metric.labels(role=ROLE) if status is None else metric.labels(role=ROLE, status=status)
+        hit = _children[key] = (metric, child)
+    return hit[1]
 
 
 def request_started() -> None:
-    get_metrics().running_requests.labels(role=ROLE).inc()
+    _child(get_metrics().running_requests).inc()
 
 
 def request_finished(http_status: int, aborted: bool, e2e_s: float | None) -> None:
     """Exactly once per request that `request_started` counted; e2e_s only for a request answered in full."""
     m = get_metrics()
-    m.running_requests.labels(role=ROLE).dec()
-    m.requests.labels(role=ROLE, status=status_label(http_status, aborted)).inc()
+    _child(m.running_requests).dec()
+    _child(m.requests, status_label(http_status, aborted)).inc()
     if e2e_s is not None:
-        m.e2e_request_latency.labels(role=ROLE).observe(e2e_s)
+        _child(m.e2e_request_latency).observe(e2e_s)
 
 
 def request_rejected(http_status: int, aborted: bool = False) -> None:
     """A request that ended before dispatch (auth, bad JSON, client gone while sending): counted, never in flight."""
-    get_metrics().requests.labels(role=ROLE, status=status_label(http_status, aborted)).inc()
+    _child(get_metrics().requests, status_label(http_status, aborted)).inc()
 
 
 def observe_ttft(seconds: float) -> None:
-    get_metrics().time_to_first_token.labels(role=ROLE).observe(seconds)
+    _child(get_metrics().time_to_first_token).observe(seconds)
 
 
 def count_retry() -> None:

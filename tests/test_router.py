@@ -26,6 +26,7 @@ from router.config import PrefillServer, RouterConfig, RouterConfigError, add_ro
 from router.pd_body import assign_rids, draw_rooms
 from router.policies import LeastLoadPolicy, LoadTracker, RandomPolicy, RoundRobinPolicy, make_policy, parse_load
 from router.sse import ContentScanner, event_has_content
+from router.wire import ConnectFailed, Pool, ReadTimeout, UpstreamError
 
 # the stand-ins raise on purpose (a decode dying mid-stream); keep uvicorn from printing those tracebacks
 UVICORN_LOG = "critical"
@@ -186,6 +187,70 @@ def test_content_detection_for_ttft() -> None:
     s = ContentScanner()
     assert not s.feed(b'data: {"choices":[{"te')  # split mid-line
     assert s.feed(b'xt":"Hi"}]}\n\n')
+
+
+def test_wire_pool_reuses_retries_a_stale_connection_and_reports_breaks() -> None:
+    """router.wire against a raw asyncio server: keep-alive reuse, chunked answers relayed as chunks, a reused
+    connection the server drops unread retried on a fresh one, an answer cut short reported as an error, and a
+    server that never answers timed out."""
+    seen: list[int] = []  # per request: the number of the connection it came on
+    rest = asyncio.Event()  # lets the server send the rest of an answer (set once; later answers go straight on)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn_no = len({*seen}) + 1
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            seen.append(conn_no)
+            if body == b"drop-if-reused" and seen.count(conn_no) > 1:
+                writer.close()  # as a server closing an idle connection at the moment it is reused
+                return
+            if body == b"silent":
+                await asyncio.sleep(5)
+                return
+            if body == b"cut":
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+                await writer.drain()
+                writer.close()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            writer.write(b"5\r\nhello\r\n")
+            await writer.drain()
+            await rest.wait()
+            writer.write(b"1\r\n!\r\n0\r\n\r\n")
+            await writer.drain()
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = Pool(f"http://127.0.0.1:{port}", 1.0, 5.0, 4.0, 8)
+        try:
+            resp = await pool.post("/x", b"a", [("x-request-id", "1")])
+            assert resp.status == 200 and resp.header(b"content-type") == b"text/event-stream"
+            assert await resp.chunk() == b"hello"  # the first chunk, before the rest was even sent
+            rest.set()
+            assert await resp.aread() == b"!" and await resp.chunk() is None
+            resp.close()
+            resp = await pool.post("/x", b"drop-if-reused", [])  # reused, dropped unread: retried on a new one
+            assert await resp.aread() == b"hello!"
+            resp.close()
+            assert seen == [1, 1, 2]
+            resp = await pool.post("/x", b"cut", [])
+            assert await resp.chunk() == b"abc"
+            with pytest.raises(UpstreamError, match="mid-answer"):
+                await resp.chunk()
+            resp.close()
+            quick = Pool(f"http://127.0.0.1:{port}", 1.0, 0.2, 4.0, 8)
+            with pytest.raises(ReadTimeout):
+                await quick.post("/x", b"silent", [])
+        finally:
+            pool.close()
+            server.close()
+        with pytest.raises(ConnectFailed):
+            await Pool(dead_url(), 1.0, 5.0, 4.0, 8).post("/x", b"", [])
+
+    asyncio.run(main())
 
 
 # ---- stand-in servers ----------------------------------------------------------------------------------
