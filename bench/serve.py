@@ -38,13 +38,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from contracts.pd import ROOM_MAX
 from engine.builtin import resolve_model
 from engine.tokenizer import Tokenizer
 from harness.stack import MODEL, Stack
 
 DOORS = ("pdserve", "sglang", "direct")
 DOOR_LABEL = {"pdserve": "pdserve router", "sglang": "sglang-router", "direct": "direct"}
-ROOM_MAX = 2**63 - 1
 
 # Prompts are slices of this text (repeated as needed), so prompt content is fixed across runs and doors.
 SOURCE_TEXT = (

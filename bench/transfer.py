@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.kvcache import pages_for
 from harness.peer_proc import PeerProc
 
 
@@ -48,7 +49,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    pages = -(-args.tokens // args.page_size)
+    pages = pages_for(args.tokens, args.page_size)
     pool = pages * 2
     layout = dict(num_layers=args.layers, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
                   page_size=args.page_size, dtype="bfloat16", num_pages=pool)  # fmt: skip
