@@ -2,9 +2,11 @@
 
 - Bootstrap rooms are integers in [0, ROOM_MAX]; a prefill's bootstrap server listens on
   DEFAULT_BOOTSTRAP_PORT unless told otherwise.
-- A request is a *batch* when it carries its prompts as a list: `text` or `prompt` as a list of strings,
-  or `prompt`/`input_ids` as a list of token-id lists (a flat token-id list is one prompt). A batch's
-  per-prompt fields (`bootstrap_*`, `rid`) may then be lists with one entry per prompt.
+- A request is a *batch* when its dialect's prompt field carries its prompts as a list: on `/generate`
+  `text` as a list of strings or `input_ids` as a list of token-id lists; on `/v1/completions` `prompt`
+  as either (a flat token-id list is one prompt); a chat request is never a batch. Other dialects'
+  prompt fields do not count. A batch's per-prompt fields (`bootstrap_*`, `rid`) may then be lists with
+  one entry per prompt.
 - The rid rule (SGLang's): no `rid` → the server picks ids; a string on a single prompt is its id; a
   string on a batch of n is the group's id, and prompt i gets `<rid>_<i>` (an abort naming the bare id
   reaches all of them); a list must have one distinct non-empty string per prompt.
@@ -12,9 +14,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["DEFAULT_BOOTSTRAP_PORT", "ROOM_MAX", "RidError", "batch_size", "prompt_rids"]
+__all__ = ["DEFAULT_BOOTSTRAP_PORT", "DIALECT_OF_PATH", "ROOM_MAX", "Dialect", "RidError", "batch_size", "prompt_rids"]
+
+Dialect = Literal["generate", "completion", "chat"]
+DIALECT_OF_PATH: dict[str, Dialect] = {
+    "/generate": "generate",
+    "/v1/completions": "completion",
+    "/v1/chat/completions": "chat",
+}
+# Per dialect: each field that can carry a batch, and the entry types that make it one.
+_BATCH_FIELDS: dict[str, tuple[tuple[str, tuple[type, ...]], ...]] = {
+    "generate": (("text", (str,)), ("input_ids", (list,))),
+    "completion": (("prompt", (str, list)),),
+    "chat": (),
+}
 
 ROOM_MAX = 2**63 - 1
 DEFAULT_BOOTSTRAP_PORT = 8998
@@ -24,9 +39,9 @@ class RidError(ValueError):
     """A `rid` that does not fit the request's prompts; the message is client-facing (param `rid`)."""
 
 
-def batch_size(body: dict[str, Any]) -> int | None:
-    """How many prompts a batch carries, or None for a single prompt (see the module docstring)."""
-    for key, kinds in (("text", (str,)), ("prompt", (str, list)), ("input_ids", (list,))):
+def batch_size(body: dict[str, Any], dialect: Dialect) -> int | None:
+    """How many prompts a batch of this dialect carries, or None for a single prompt (see the module docstring)."""
+    for key, kinds in _BATCH_FIELDS[dialect]:
         v = body.get(key)
         if isinstance(v, list) and v:
             for kind in kinds:

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from contracts.pd import RidError, batch_size
+from contracts.pd import DIALECT_OF_PATH, RidError, batch_size
 from router import telemetry
 from router.config import RouterConfig
 from router.dispatch import Dispatcher, Exchange, Outcome
@@ -39,7 +39,7 @@ log = logging.getLogger("pdserve.router")
 
 __all__ = ["GENERATE_PATHS", "Router", "RouterApp", "create_app", "run_router"]
 
-GENERATE_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+GENERATE_PATHS = tuple(DIALECT_OF_PATH)
 FORWARDED_HEADERS = ("authorization", "x-request-id", "x-correlation-id")
 
 
@@ -70,7 +70,7 @@ class Router:
     def _timeout_message(self) -> str:
         return f"request timed out after {self.cfg.request_timeout_s:g} s"
 
-    async def _read(self, request: Request) -> tuple[dict[str, Any], int | None] | Response:
+    async def _read(self, request: Request, path: str) -> tuple[dict[str, Any], int | None] | Response:
         """The checked body and its batch size, or the answer that refuses the request before dispatch."""
         denied = self.check_auth(request)
         if denied is not None:
@@ -89,7 +89,7 @@ class Router:
         if not isinstance(body, dict):
             telemetry.request_rejected(400)
             return openai_error(400, "request body must be a JSON object")
-        n = batch_size(body)
+        n = batch_size(body, DIALECT_OF_PATH[path])
         try:
             assign_rids(body.get("rid"), n)  # the servers' rid rule: refuse here what they would refuse
         except RidError as e:
@@ -99,7 +99,7 @@ class Router:
 
     async def handle(self, request: Request, path: str) -> Response:
         t0 = time.perf_counter()
-        parsed = await self._read(request)
+        parsed = await self._read(request, path)
         if isinstance(parsed, Response):
             return parsed
         body, n = parsed

@@ -144,14 +144,18 @@ def test_cli_args() -> None:
 
 
 def test_batch_detection_rids_and_rooms() -> None:
-    assert batch_size({"prompt": "hi"}) is None
-    assert batch_size({"prompt": [1, 2, 3]}) is None  # one tokenized prompt
-    assert batch_size({"prompt": ["a", "b"]}) == 2
-    assert batch_size({"prompt": [[1], [2, 3], [4]]}) == 3
-    assert batch_size({"text": ["a", "b", "c"]}) == 3
-    assert batch_size({"input_ids": [[1, 2], [3]]}) == 2
-    assert batch_size({"input_ids": [1, 2]}) is None
-    assert batch_size({"messages": [{"role": "user", "content": "x"}]}) is None
+    assert batch_size({"prompt": "hi"}, "completion") is None
+    assert batch_size({"prompt": [1, 2, 3]}, "completion") is None  # one tokenized prompt
+    assert batch_size({"prompt": ["a", "b"]}, "completion") == 2
+    assert batch_size({"prompt": [[1], [2, 3], [4]]}, "completion") == 3
+    assert batch_size({"text": ["a", "b", "c"]}, "generate") == 3
+    assert batch_size({"input_ids": [[1, 2], [3]]}, "generate") == 2
+    assert batch_size({"input_ids": [1, 2]}, "generate") is None
+    assert batch_size({"messages": [{"role": "user", "content": "x"}]}, "chat") is None
+    # only the dialect's own prompt field counts: the router and the servers then agree on a stray field
+    assert batch_size({"text": "a", "prompt": ["x", "y"]}, "generate") is None
+    assert batch_size({"prompt": "a", "text": ["x", "y"]}, "completion") is None
+    assert batch_size({"messages": [], "prompt": ["x", "y"]}, "chat") is None
     assert len(assign_rids(None, None)) == 1 and len(assign_rids(None, 3)) == 3
     assert assign_rids("r1", None) == ["r1"] and assign_rids(["a", "b"], 2) == ["a", "b"]
     # The shared rid rule (contracts.pd): a string rid on a batch of n names prompt i `<rid>_<i>`. This replaces

@@ -147,7 +147,7 @@ def parse_generate(body: dict[str, Any]) -> ParsedRequest:
         stream=get_bool(body, "stream", False),
         return_logprob=get_bool(body, "return_logprob", False),
         # Only the fields /generate reads decide (a stray `prompt` list must not make it a batch).
-        is_batch=batch_size({"text": text, "input_ids": ids}) is not None,
+        is_batch=batch_size(body, "generate") is not None,
         return_text_in_logprobs=get_bool(body, "return_text_in_logprobs", False),
         max_tokens_field="sampling_params.max_new_tokens",
         group_rid=group_rid,

@@ -159,7 +159,7 @@ def parse_completion(body: dict[str, Any], served_model_name: str) -> ParsedRequ
         prompts=prompts,
         stream=stream,
         return_logprob=return_logprob,
-        is_batch=batch_size({"prompt": body["prompt"]}) is not None,
+        is_batch=batch_size(body, "completion") is not None,
         model=model,
         include_usage=include_usage,
         group_rid=group_rid,

@@ -7,8 +7,9 @@ the PD plumbing never look at dialect-specific fields again; only rendering stil
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from contracts.pd import Dialect
 from engine.sampling import SamplingParams
 from serving.api.errors import bad
 
@@ -23,7 +24,7 @@ __all__ = [
     "validated_sampling",
 ]
 
-Kind = Literal["generate", "completion", "chat"]
+Kind = Dialect  # the three request dialects, named once in contracts.pd
 
 # SGLang's and OpenAI's defaults (SGLang: max_new_tokens 128; OpenAI legacy completions: max_tokens 16;
 # both: temperature 1.0). The engine's own SamplingParams defaults to greedy, so we always pass these.
