@@ -1,6 +1,7 @@
 """The router: an OpenAI-compatible front door that sends each request to one prefill and one decode server.
 
-Per request (DESIGN.md §2 step 1): check the key and the body, then hand it to the dispatcher (`router.dispatch`:
+Per request (DESIGN.md §2 step 1): check the key and the body (size, JSON, nesting, strings: `router.intake` and
+`contracts.http`, the limits the servers apply too), then hand it to the dispatcher (`router.dispatch`:
 pick P and D, draw rooms, POST to both, retry a refused connection) and answer with D's result, relaying a stream
 through `router.sse`. It talks HTTP only: no `engine`, no `transfer`, no `serving`.
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,11 +26,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from contracts.http import BodyError, parse_json_object
 from contracts.pd import DIALECT_OF_PATH, RidError, batch_size
 from router import telemetry
 from router.config import RouterConfig
 from router.dispatch import Dispatcher, Exchange, Outcome
 from router.errors import CLIENT_CLOSED, UpstreamFailure, openai_error
+from router.intake import RequestBody
 from router.pd_body import assign_rids
 from router.sse import RelayResponse, client_gone
 from router.upstream import MODELS_TIMEOUT_S, Upstreams
@@ -72,23 +74,19 @@ class Router:
 
     async def _read(self, request: Request, path: str) -> tuple[dict[str, Any], int | None] | Response:
         """The checked body and its batch size, or the answer that refuses the request before dispatch."""
+        body_in = RequestBody(request.headers, request.receive, self.cfg.max_body_bytes)
         denied = self.check_auth(request)
         if denied is not None:
             telemetry.request_rejected(401)
-            return denied
+            return await self._refuse(denied, body_in)
         try:
-            raw = await request.body()
+            body = parse_json_object(await body_in.read())  # size, JSON, nesting and strings, as the servers check
         except ClientDisconnect:
             telemetry.request_rejected(CLIENT_CLOSED, aborted=True)
             return Response(status_code=CLIENT_CLOSED)
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            telemetry.request_rejected(400)
-            return openai_error(400, f"request body is not valid JSON: {e}")
-        if not isinstance(body, dict):
-            telemetry.request_rejected(400)
-            return openai_error(400, "request body must be a JSON object")
+        except BodyError as e:
+            telemetry.request_rejected(e.status)
+            return await self._refuse(openai_error(e.status, e.message), body_in)
         n = batch_size(body, DIALECT_OF_PATH[path])
         try:
             assign_rids(body.get("rid"), n)  # the servers' rid rule: refuse here what they would refuse
@@ -96,6 +94,14 @@ class Router:
             telemetry.request_rejected(400)
             return openai_error(400, str(e), param="rid")
         return body, n
+
+    @staticmethod
+    async def _refuse(response: Response, body_in: RequestBody) -> Response:
+        """A refusal sent before the body was read whole: drop the rest, so the connection carries the client's next
+        request; where that would mean reading far too much, close the connection after the answer instead."""
+        if not await body_in.discard():
+            response.headers["connection"] = "close"
+        return response
 
     async def handle(self, request: Request, path: str) -> Response:
         t0 = time.perf_counter()
@@ -148,10 +154,8 @@ class Router:
         abort = self.dispatcher.abort_legs
         try:
             out = work.result()
-        except UpstreamFailure as e:
+        except UpstreamFailure as e:  # every attempt already cleaned up after itself (legs closed and aborted)
             watcher.cancel()
-            if e.status != 503:  # 503: every attempt already cleaned up after itself
-                abort(ex.attempt)
             ex.finish(e.status)
             return openai_error(e.status, e.message)
         except Exception as e:  # a router bug: still stop the upstream work and answer in the API's format
@@ -210,7 +214,11 @@ class RouterApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self._paths:
-            response = await self.router.handle(Request(scope, receive), scope["path"])
+            try:
+                response = await self.router.handle(Request(scope, receive), scope["path"])
+            except Exception as e:  # a router bug: an answer in the API's format, not uvicorn's bare 500 and a close
+                log.exception("request failed")
+                response = openai_error(500, f"router error: {type(e).__name__}: {e}")
             await response(scope, receive, send)
         else:
             await self.api(scope, receive, send)

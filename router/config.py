@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+from contracts.http import DEFAULT_MAX_BODY_BYTES
+
 POLICIES = ("round_robin", "random", "least_load")
 
 
@@ -89,12 +91,14 @@ class RouterConfig:
     api_key: str | None = None
     request_timeout_s: float = 600.0
     max_retries: int = 3
-    # 0 disables the background health loop (every server is then considered healthy).
+    # 0 disables the periodic health loop; a server marked down by a failed request is still probed until it answers.
     health_check_interval_s: float = 5.0
     host: str = "127.0.0.1"
     port: int = 8000
     # Short on purpose: a refused or black-holed connection should move on to another pair quickly.
     connect_timeout_s: float = 5.0
+    # A larger request body gets 413 (checked on Content-Length, then as it arrives); the servers share the default.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
         if isinstance(self.prefill, (str, PrefillServer)) or not isinstance(self.prefill, Sequence):
@@ -128,6 +132,8 @@ class RouterConfig:
         _positive("connect_timeout_s", self.connect_timeout_s)
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
             raise RouterConfigError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
+        if isinstance(self.max_body_bytes, bool) or not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
+            raise RouterConfigError(f"max_body_bytes must be an integer >= 1, got {self.max_body_bytes!r}")
         if not _is_number(self.health_check_interval_s) or self.health_check_interval_s < 0:
             raise RouterConfigError(
                 f"health_check_interval_s must be >= 0 (0 disables health checks), got {self.health_check_interval_s!r}"
@@ -194,7 +200,14 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         dest="health_check_interval",
         type=float,
         default=d["health_check_interval_s"].default,
-        help="seconds between /health probes of every server (0: off)",
+        help="seconds between /health probes of every server (0: off; a server a request found down is still probed "
+        "until it answers)",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=d["max_body_bytes"].default,
+        help="largest request body accepted, in bytes; larger ones get 413",
     )
     parser.add_argument(
         "--pd-disaggregation", action="store_true", help="accepted for sglang-router compatibility (always on)"
@@ -216,6 +229,7 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
         request_timeout_s=args.request_timeout,
         max_retries=args.max_retries,
         health_check_interval_s=args.health_check_interval,
+        max_body_bytes=args.max_body_bytes,
         host=args.host,
         port=args.port,
     )

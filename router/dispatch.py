@@ -1,16 +1,23 @@
 """Getting one client request answered: attempts, each sending the same body to a prefill and a decode server at
 once, and what is done with the legs when an attempt fails or the client goes away.
 
-P's answer is only looked at while nothing has reached the client yet (a 4xx from P is returned; a refused
-connection to either leg retries with a new pair, a new room and, unless the client chose them, new rids, since the
-abandoned attempt's may still be live). D's answer is the client's: a body, or an SSE stream whose first chunk has
-been read (until then a failure of P can still be answered with a clean status).
+P's answer is only looked at while nothing has reached the client yet. A 4xx from P is returned. A leg that fails
+ends the attempt at once (the other leg is aborted, rid AND room, so it never waits for a partner that is gone):
+a refused connection, a connection that broke, or a 503 is retried with a new pair, a new room and, unless the
+client chose them, new rids (the abandoned attempt's may still be live); any other 5xx from P, or a timeout, is
+answered as it is (502/504) without a retry, since a request that made one server fail would likely fail the next.
+When the retries run out the client gets 503 if every failure said "unavailable" (refused, 503), else 502, naming
+each server and what it said. D's answer is the client's: a body, or an SSE stream whose first chunk has been read
+(until then a failure of P can still be answered with a clean status; after that P's answer is only drained).
+
+A server whose connection was refused or broke is also marked down for every request (`Upstreams.mark_down`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,12 +46,26 @@ def _pass_headers(resp: WireResponse) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in resp.headers if k not in _DROPPED_HEADERS}
 
 
-class _LegUnreachable(Exception):
-    """A connection to P or D could not be made: nothing reached that server, so the pair can be retried."""
+class _LegFailed(Exception):
+    """A leg failed before anything reached the client, which ends the attempt. `status` is what the client gets
+    if this is the last word; `retry` whether a new pair may do better; `reached` whether the request may have
+    reached that server (then it is told to drop it too)."""
 
-    def __init__(self, role: str, url: str, exc: Exception) -> None:
-        super().__init__(f"{role} {url}: {type(exc).__name__}: {exc}")
-        self.role, self.url, self.exc = role, url, exc
+    def __init__(self, role: str, url: str, what: str, status: int, retry: bool, reached: bool = True) -> None:
+        super().__init__(f"{role} {url} {what}")
+        self.role, self.url, self.what, self.status, self.retry, self.reached = role, url, what, status, retry, reached
+
+
+def _error_message(body: bytes, limit: int = 300) -> str:
+    """What a server's error answer says: the OpenAI error's message, else the start of the body."""
+    try:
+        msg = json.loads(body)["error"]["message"]
+        if isinstance(msg, str):
+            return msg[:limit]
+    except (ValueError, KeyError, TypeError):
+        pass
+    text = body.decode("utf-8", "replace").strip()
+    return (text[:limit] + "...") if len(text) > limit else (text or "(no body)")
 
 
 @dataclass
@@ -53,7 +74,7 @@ class _Leg:
     url: str
     task: asyncio.Task[Any] | None = None  # sends the request and reads what the router needs of the answer
     resp: WireResponse | None = None
-    body: bytes = b""  # P's 4xx answer, read in full: it may be the client's
+    body: bytes = b""  # P's 4xx/5xx answer, read in full: it may be the client's, or name why P failed
     reaper: asyncio.Task[None] | None = None  # drains an answer the router ignores
 
 
@@ -129,14 +150,15 @@ class Dispatcher:
             leg.resp.close()
 
     def abort_legs(self, att: Attempt | None, legs: tuple[str, ...] = BOTH_LEGS) -> None:
-        """Fire-and-forget: stop our side of the named legs and tell those servers to drop every rid."""
+        """Fire-and-forget: stop our side of the named legs and tell those servers to drop this attempt's prompts.
+        Each abort names the rid and the room: the rid alone may be another client's request."""
         if att is None:
             return
         for leg in (att.p, att.d):
             if leg.role in legs:
                 self.up.spawn(self._close_leg(leg))
-                for rid in att.rids:
-                    self.up.spawn(self.up.post_abort(leg.url, rid))
+                for rid, room in zip(att.rids, att.rooms, strict=True):
+                    self.up.spawn(self.up.post_abort(leg.url, rid, room))
 
     # ---- one attempt -----------------------------------------------------------------------------------
 
@@ -153,8 +175,8 @@ class Dispatcher:
 
     async def _open_prefill(self, leg: _Leg, ex: Exchange, att: Attempt) -> WireResponse:
         resp = await self._open(leg, ex, att)
-        if 400 <= resp.status < 500:
-            leg.body = await resp.aread()  # may be returned to the client
+        if resp.status >= 400:
+            leg.body = await resp.aread()  # a 4xx may be the client's answer; a 5xx says why P failed
         return resp
 
     async def _open_decode(self, leg: _Leg, ex: Exchange, att: Attempt) -> Outcome:
@@ -183,46 +205,84 @@ class Dispatcher:
             if leg.resp is not None:
                 leg.resp.close()
 
+    def _failed(self, leg: _Leg, exc: BaseException) -> _LegFailed:
+        """The attempt-ending failure for an exception of a leg's task; anything but UpstreamError is re-raised."""
+        what = f"failed: {type(exc).__name__}: {exc}"
+        if isinstance(exc, ConnectFailed):
+            self.up.mark_down(leg.url, f"{leg.role} leg: {type(exc).__name__}")
+            return _LegFailed(leg.role, leg.url, f"unreachable ({type(exc).__name__}: {exc})", 503, True, False)
+        if isinstance(exc, ReadTimeout):
+            return _LegFailed(leg.role, leg.url, f"timed out ({exc})", 504, False)
+        if isinstance(exc, UpstreamError):  # connected, then the connection broke: a dying or restarting server
+            self.up.mark_down(leg.url, f"{leg.role} leg: {exc}")
+            return _LegFailed(leg.role, leg.url, what, 502, True)
+        raise exc
+
+    def _prefill_answer(self, att: Attempt) -> Outcome | None:
+        """P's answer while nothing reached the client: its 4xx as the client's answer, None when P succeeded (its
+        answer is then drained), or _LegFailed when P failed (5xx, broken connection, timeout)."""
+        assert att.p.task is not None
+        exc = att.p.task.exception()
+        if exc is not None:
+            raise self._failed(att.p, exc)
+        resp = att.p.task.result()
+        if resp.status < 400:
+            att.p.reaper = self.up.spawn(self._drain(att.p))
+            return None
+        resp.close()
+        if resp.status < 500:
+            return Outcome(resp.status, _pass_headers(resp), "prefill", body=att.p.body)
+        said = f"answered {resp.status}: {_error_message(att.p.body)}"
+        if resp.status == 503:  # unavailable (starting, draining, full): another prefill may take it
+            raise _LegFailed("prefill", att.p.url, said, 503, True)
+        raise _LegFailed("prefill", att.p.url, said, 502, False)
+
+    def _decode_answer(self, att: Attempt) -> Outcome:
+        assert att.d.task is not None
+        try:
+            out: Outcome = att.d.task.result()
+        except UpstreamError as e:
+            raise self._failed(att.d, e) from e
+        if out.status == 503:  # unavailable: as for P, another pair may take it
+            raise _LegFailed("decode", att.d.url, f"answered 503: {_error_message(out.body)}", 503, True)
+        return out
+
     async def _run_attempt(self, ex: Exchange, att: Attempt) -> Outcome:
-        """Sends to P and D concurrently; returns what the client gets. Raises _LegUnreachable on a connect failure
-        of either leg and UpstreamFailure when D failed otherwise."""
+        """Sends to P and D concurrently; returns what the client gets, or raises _LegFailed."""
         att.p.task = asyncio.create_task(self._open_prefill(att.p, ex, att))
         att.d.task = asyncio.create_task(self._open_decode(att.d, ex, att))
         p_seen = False
         while True:
             waiting = {att.d.task} if p_seen else {att.p.task, att.d.task}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if not p_seen and att.p.task.done():
+            # D's good answer wins over P's news arriving in the same moment: the client has all it needs
+            d = att.d.task
+            d_ok = d.done() and not d.cancelled() and d.exception() is None and d.result().status < 400
+            if not p_seen and att.p.task.done() and not d_ok:
                 p_seen = True
-                exc = att.p.task.exception()
-                if isinstance(exc, ConnectFailed):
-                    raise _LegUnreachable("prefill", att.p.url, exc)
-                if exc is None and 400 <= att.p.task.result().status < 500:
-                    resp = att.p.task.result()
-                    resp.close()
-                    return Outcome(resp.status, _pass_headers(resp), "prefill", body=att.p.body)
-                if exc is not None:
-                    log.warning("prefill %s failed: %s: %s; waiting for decode", att.p.url, type(exc).__name__, exc)
-                else:
-                    att.p.reaper = self.up.spawn(self._drain(att.p))
+                early = self._prefill_answer(att)
+                if early is not None:
+                    return early
             if att.d.task.done():
-                try:
-                    out = att.d.task.result()
-                except ConnectFailed as e:
-                    raise _LegUnreachable("decode", att.d.url, e) from e
-                except ReadTimeout as e:
-                    raise UpstreamFailure(504, f"decode {att.d.url} timed out ({type(e).__name__})") from e
-                except UpstreamError as e:
-                    raise UpstreamFailure(502, f"decode {att.d.url} failed: {type(e).__name__}: {e}") from e
+                out = self._decode_answer(att)
                 if not p_seen:  # from here on P's answer only needs draining
                     att.p.reaper = self.up.spawn(self._drain(att.p))
                 return out
 
     # ---- attempts --------------------------------------------------------------------------------------
 
+    async def _end_attempt(self, att: Attempt, e: _LegFailed) -> None:
+        """After a failed leg: close our side of it now, and make both servers let go of the attempt (the failed one
+        only if the request may have reached it)."""
+        await self._close_leg(att.p if e.role == "prefill" else att.d)
+        other = "decode" if e.role == "prefill" else "prefill"
+        self.abort_legs(att, BOTH_LEGS if e.reached else (other,))
+
     async def dispatch(self, ex: Exchange) -> Outcome:
-        """Runs attempts until one gets an answer; retries (new pair, new room) only on connect failures."""
+        """Runs attempts until one gets an answer; retries (new pair, new room) while the failures are retryable.
+        Raises UpstreamFailure (the attempts already cleaned up after themselves)."""
         failed: set[str] = set()
+        errors: list[_LegFailed] = []
         attempts = self.cfg.max_retries + 1
         for i in range(attempts):
             prefill, decode = await self.up.pick(failed)
@@ -234,13 +294,14 @@ class Dispatcher:
             att = ex.attempt = self._attempt(ex, prefill, decode)
             try:
                 out = await self._run_attempt(ex, att)
-            except _LegUnreachable as e:
+            except _LegFailed as e:
                 log.warning("attempt %d/%d: %s", i + 1, attempts, e)
                 failed.add(e.url)
-                ex.failures.append(f"{e.role} {e.url} ({type(e.exc).__name__})")
-                await self._close_leg(att.p if e.role == "prefill" else att.d)
-                # the other leg may already hold the request: make it let go
-                self.abort_legs(att, ("decode",) if e.role == "prefill" else ("prefill",))
+                errors.append(e)
+                ex.failures.append(str(e))
+                await self._end_attempt(att, e)
+                if not e.retry:
+                    raise UpstreamFailure(e.status, str(e)) from None
                 continue
             except BaseException:
                 # cancelled (client gone, deadline) or failed: the caller aborts; stop our side right now
@@ -250,6 +311,8 @@ class Dispatcher:
                 # one side refused the request: the other is waiting for a partner that will never come
                 self.abort_legs(att, ("decode",) if out.source == "prefill" else ("prefill",))
             return out
+        status = 503 if all(e.status == 503 for e in errors) else 502
+        tried = "; ".join(ex.failures)
         raise UpstreamFailure(
-            503, f"no prefill/decode pair reachable after {attempts} attempt(s): " + "; ".join(ex.failures)
+            status, f"no prefill/decode pair could serve the request in {attempts} attempt(s): {tried}"
         )

@@ -2,9 +2,14 @@
 generate legs, an httpx client for control calls), their health, their loads, and the choice of a (prefill, decode)
 pair for an attempt.
 
-Health comes from a background loop of `/health` probes (a server not probed yet counts as healthy); loads are
-only fetched when the policy needs them (`LoadTracker` answers from a cache so a slow `/get_load` never holds a
-request). Fire-and-forget work (aborts, draining ignored answers) is kept here too, so `stop` can let it land.
+Health comes from a background loop of `/health` probes (a server not probed yet counts as healthy) and from the
+requests themselves: a server whose connection is refused or broken is marked down at once (`mark_down`), so new
+requests avoid it, and probed every RECOVERY_PROBE_S until `/health` answers 200 again (as a restarted server does
+once it is ready), which returns it to the pool without waiting for the next round of the loop. When every server
+of a role is down they are all still tried, since one may be back before its probe says so.
+
+Loads are only fetched when the policy needs them (`LoadTracker` answers from a cache so a slow `/get_load` never
+holds a request). Fire-and-forget work (aborts, draining ignored answers) is kept here too, so `stop` can let it land.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ MAX_KEEPALIVE = 256
 # Below uvicorn's default keep-alive timeout (5 s, which SGLang servers keep): reusing a connection the server is
 # closing at that moment fails the request, so the router drops idle connections first.
 KEEPALIVE_S = 4.0
+# How often a server marked down by a failed request is probed until it answers again: a restarted server is back in
+# the pool within this much of becoming ready.
+RECOVERY_PROBE_S = 0.5
 
 
 class Upstreams:
@@ -49,6 +57,7 @@ class Upstreams:
         self._healthy: dict[str, bool] = {}  # absent: not probed yet, treated as healthy
         self._bg: set[asyncio.Task[Any]] = set()
         self._health_task: asyncio.Task[None] | None = None
+        self._recovering: dict[str, asyncio.Task[None]] = {}  # servers marked down, probed until they answer
         self._clients: dict[str, httpx.AsyncClient] = {}  # control calls
         self._pools: dict[str, Pool] = {}  # the generate legs (router.wire)
         self.loads = LoadTracker(self.fetch_load, ttl_s=1.0)
@@ -79,6 +88,10 @@ class Upstreams:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
+        recovering = list(self._recovering.values())
+        for task in recovering:
+            task.cancel()
+        await asyncio.gather(*recovering, return_exceptions=True)
         if self._bg:
             # let in-flight aborts land; whatever is still draining after that is cancelled
             _, pending = await asyncio.wait(set(self._bg), timeout=CONTROL_TIMEOUT_S)
@@ -129,6 +142,22 @@ class Upstreams:
             log.log(logging.INFO if ok else logging.WARNING, "server %s is %s", url, "healthy" if ok else "unhealthy")
         return ok
 
+    def mark_down(self, url: str, why: str) -> None:
+        """A request could not reach `url` or lost its connection: keep new requests away from it until it answers
+        `/health` again (probed from now on every RECOVERY_PROBE_S, health loop or not)."""
+        if self._healthy.get(url, True):
+            log.warning("server %s is unhealthy (%s); new requests avoid it until /health answers", url, why)
+        self._healthy[url] = False
+        if url not in self._recovering and url in self._clients:
+            self._recovering[url] = asyncio.ensure_future(self._recover(url))
+
+    async def _recover(self, url: str) -> None:
+        try:
+            while not self._healthy.get(url, True) and not await self.probe(url):
+                await asyncio.sleep(RECOVERY_PROBE_S)
+        finally:
+            self._recovering.pop(url, None)
+
     async def _health_loop(self) -> None:
         while True:
             await asyncio.gather(*(self.probe(u) for u in self.all_urls))
@@ -159,8 +188,12 @@ class Upstreams:
 
     # ---- control calls ---------------------------------------------------------------------------------
 
-    async def post_abort(self, url: str, rid: str) -> None:
+    async def post_abort(self, url: str, rid: str, room: int) -> None:
+        """Asks `url` to drop the prompt of this attempt: rid AND room, since a rid alone may be another client's
+        (clients choose rids, and two may choose the same one) or a later attempt's (a client-chosen rid is reused
+        on a retry, with a new room)."""
+        body = {"rid": rid, "bootstrap_room": room}
         try:
-            await self.client(url).post(url + "/abort_request", json={"rid": rid}, timeout=CONTROL_TIMEOUT_S)
+            await self.client(url).post(url + "/abort_request", json=body, timeout=CONTROL_TIMEOUT_S)
         except httpx.HTTPError as e:
-            log.info("abort of %s at %s failed: %s", rid, url, e)
+            log.info("abort of %s (room %d) at %s failed: %s", rid, room, url, e)

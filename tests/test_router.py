@@ -46,7 +46,8 @@ class StandIn:
 
     def reset(self) -> None:
         self.requests: list[tuple[str, dict[str, Any]]] = []
-        self.aborts: list[str] = []
+        self.aborts: list[str] = []  # the rid of each abort
+        self.abort_rooms: list[tuple[str, Any]] = []  # (rid, bootstrap_room) of each abort
         self.load = 0
         self.healthy = True
         self.reject: int | None = None  # answer every generate request with this 4xx
@@ -78,7 +79,9 @@ class StandIn:
 
         @app.post("/abort_request")
         async def abort(request: Request) -> dict[str, Any]:
-            self.aborts.append((await request.json())["rid"])
+            body = await request.json()
+            self.aborts.append(body["rid"])
+            self.abort_rooms.append((body["rid"], body.get("bootstrap_room")))
             return {}
 
         @app.get("/health")
@@ -331,15 +334,16 @@ def test_client_disconnect_aborts_both_legs(sv: dict[str, StandIn], make_router:
     sv["d1"].hold = threading.Event()
     with httpx.Client(timeout=10) as c, c.stream("POST", url + "/generate", json={"text": "x", "stream": True}) as r:
         assert b'"Hel"' in next(r.iter_raw())
-    rid = sv["d1"].requests[0][1]["rid"]
-    assert wait_until(lambda: rid in sv["d1"].aborts and rid in sv["p1"].aborts)
+    rid, room = sv["d1"].requests[0][1]["rid"], sv["d1"].requests[0][1]["bootstrap_room"]
+    assert wait_until(lambda: (rid, room) in sv["d1"].abort_rooms and (rid, room) in sv["p1"].abort_rooms)
 
     # while still waiting for D's answer
     sv["d1"].header_hold = threading.Event()
     with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(10, read=0.3)) as c:
         c.post(url + "/v1/completions", json={"prompt": ["a", "b"]})
-    rids = sv["d1"].requests[1][1]["rid"]
-    assert wait_until(lambda: all(r in sv["d1"].aborts and r in sv["p1"].aborts for r in rids))
+    pairs = list(zip(sv["d1"].requests[1][1]["rid"], sv["d1"].requests[1][1]["bootstrap_room"], strict=True))
+    # each prompt of the batch aborted by its own rid and room, on both servers
+    assert wait_until(lambda: all(x in sv["d1"].abort_rooms and x in sv["p1"].abort_rooms for x in pairs))
 
 
 def test_upstream_failures_before_and_after_first_byte(sv: dict[str, StandIn], make_router: Any) -> None:

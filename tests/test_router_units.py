@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from contracts.http import DEFAULT_MAX_BODY_BYTES
 from contracts.pd import ROOM_MAX, RidError, batch_size
 from router.config import PrefillServer, RouterConfig, RouterConfigError, add_router_args, router_config
 from router.pd_body import assign_rids, draw_rooms
@@ -117,6 +118,8 @@ def test_config_normalizes_and_validates() -> None:
         ({"api_key": ""}, "api_key"),
         ({"request_timeout_s": 0}, "request_timeout_s"),
         ({"max_retries": -1}, "max_retries"),
+        ({"max_body_bytes": 0}, "max_body_bytes"),
+        ({"max_body_bytes": 1.5}, "max_body_bytes"),
         ({"health_check_interval_s": -1}, "health_check_interval_s"),
         ({"port": 70000}, "port"),
     ]
@@ -139,6 +142,9 @@ def test_cli_args() -> None:
     assert cfg.decode == ["http://d0:2", "http://d1:2"]
     assert (cfg.policy, cfg.host, cfg.port, cfg.api_key) == ("least_load", "0.0.0.0", 9000, "k")
     assert (cfg.request_timeout_s, cfg.max_retries, cfg.health_check_interval_s) == (30.0, 1, 0.0)
+    assert cfg.max_body_bytes == DEFAULT_MAX_BODY_BYTES  # the limit every pdserve process shares, unless set
+    args = parser.parse_args(["--prefill", "http://p:1", "--decode", "http://d:1", "--max-body-bytes", "1024"])
+    assert router_config(args).max_body_bytes == 1024
     with pytest.raises(RouterConfigError, match="URL \\[BOOTSTRAP_PORT\\]"):
         router_config(parser.parse_args(["--prefill", "http://p:1", "1", "2", "--decode", "http://d:1"]))
 
