@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -167,6 +168,19 @@ def build_byte_level_tokenizer(style: TokenizerStyle = "gpt2") -> transformers.P
     return tok
 
 
+class PromptTooLong(ValueError):
+    """A text prompt whose UTF-8 size alone shows it cannot encode to `max_tokens` tokens (refused untokenized)."""
+
+    def __init__(self, size_bytes: int, max_tokens: int, max_token_bytes: int) -> None:
+        self.size_bytes, self.max_tokens, self.max_token_bytes = size_bytes, max_tokens, max_token_bytes
+        self.limit_bytes = limit = max_tokens * max_token_bytes
+        super().__init__(f"the prompt is {size_bytes} bytes of UTF-8 text; {max_tokens} tokens cover at most {limit}")
+
+
+class ChatTemplateError(ValueError):
+    """The chat template refused the conversation (its `raise_exception`) or failed to render it."""
+
+
 # Files any one of which means "a tokenizer lives here" for the loaders transformers supports.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -183,6 +197,7 @@ class Tokenizer:
             if int(i) not in eos:
                 eos.append(int(i))
         self._eos_token_ids = eos
+        self.max_token_bytes: int | None = max_token_bytes(hf_tokenizer)  # once: a walk over the whole vocab
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -210,6 +225,25 @@ class Tokenizer:
         """Token ids of `text` alone: no bos/eos is added (chat templates add what they need)."""
         return list(self.hf.encode(text, add_special_tokens=False))
 
+    def encode_prompt(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """The one rule for a plain-text prompt (`pdserve generate`, /generate, /v1/completions alike): the
+        tokenizer's special tokens are added, as transformers' default `add_special_tokens=True` (a BOS on
+        Llama-style tokenizers), vLLM and SGLang do. With `max_tokens`, a text too large for that many tokens
+        is refused by its size (`PromptTooLong`) before tokenization, which would cost a huge token list first.
+        """
+        self.check_prompt_size(text, max_tokens)
+        return list(self.hf.encode(text, add_special_tokens=True))
+
+    def check_prompt_size(self, text: str, max_tokens: int | None) -> None:
+        """`PromptTooLong` when `text` has more UTF-8 bytes than `max_tokens` tokens can stand for; ValueError
+        when it is not valid Unicode (a lone surrogate, e.g. from an undecodable command-line argument)."""
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"the prompt is not valid Unicode: lone surrogate at character {exc.start}") from None
+        if max_tokens is not None and self.max_token_bytes is not None and size > max_tokens * self.max_token_bytes:
+            raise PromptTooLong(size, max_tokens, self.max_token_bytes)
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
@@ -225,17 +259,25 @@ class Tokenizer:
         _validate_messages(messages)
         # Render to text, then encode without adding specials: the template already contains every
         # special token it wants, and this avoids HF's version-dependent tokenize=True return types.
-        text = self.hf.apply_chat_template(
-            [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        try:
+            text = self.hf.apply_chat_template(
+                [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:  # jinja2's TemplateError from the template's raise_exception, or any bug in it
+            why = (str(exc) or type(exc).__name__)[:500]
+            raise ChatTemplateError(f"the chat template refused the conversation: {why}") from exc
         if not isinstance(text, str):
-            raise ValueError(f"chat template rendered a {type(text).__name__}, expected text")
+            raise ChatTemplateError(f"chat template rendered a {type(text).__name__}, expected text")
         return text
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, max_tokens: int | None = None
     ) -> list[int]:
-        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+        """The one rule for a chat prompt: the template's text, encoded without adding specials (the template
+        writes its own BOS; adding the tokenizer's would make a second one). `max_tokens` as in `encode_prompt`."""
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        self.check_prompt_size(text, max_tokens)
+        return self.encode(text)
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -259,6 +301,68 @@ class Tokenizer:
     @property
     def bos_token_id(self) -> int | None:
         return None if self.hf.bos_token_id is None else int(self.hf.bos_token_id)
+
+
+def max_token_bytes(hf: transformers.PreTrainedTokenizerBase) -> int | None:
+    """The most UTF-8 bytes of input text one token can stand for; None when the pipeline has no such bound
+    (it drops text, or maps an unbounded run of unknown text to one token) or cannot be inspected. A piece
+    spells at least the normalized bytes it covers (byte-level: one character per byte; SentencePiece's U+2581
+    is one space; byte fallback `<0x41>` one byte); a normalizer that shrinks text (NFKC: "𝐀", 4 bytes, is "A")
+    multiplies the bound."""
+    try:
+        spec = json.loads(hf.backend_tokenizer.to_str())  # a slow tokenizer has none: AttributeError
+    except Exception:
+        return None
+    vocab, model, pre = hf.get_vocab(), spec.get("model") or {}, _pre_tokenizers(spec.get("pre_tokenizer"))
+    factor = _normalizer_factor(spec.get("normalizer"))
+    # An added token with lstrip/rstrip swallows every space beside it; pre-tokenizers outside _KEEPING drop text.
+    strips = any(t.get("lstrip") or t.get("rstrip") for t in spec.get("added_tokens") or [])
+    keeps = all(q.get("type") in _KEEPING and str(q.get("behavior")).lower() != "removed" for q in pre)
+    if factor is None or strips or not keeps or not _covers_all_text(model, pre, vocab):
+        return None
+    longest = max((len(piece.encode("utf-8", "surrogatepass")) for piece in vocab), default=1)
+    if model.get("unk_token") is not None:
+        longest = max(longest, 4)  # an unknown character (up to 4 bytes) becomes one unk token
+    return max(1, math.ceil(longest * factor))
+
+
+# Unicode normalization turns at most 4 bytes into 1 (NFKC of math letters; lower-casing U+212A: 3 into 1; NFC
+# of Hangul jamo: 9 into 3). Strip, StripAccents, BertNormalizer, Precompiled may remove characters: no bound.
+_SHRINKING = {"NFC": 4.0, "NFD": 4.0, "NFKC": 4.0, "NFKD": 4.0, "Lowercase": 4.0, "Prepend": 1.0, "Append": 1.0}
+# Pre-tokenizers that pass every byte on (Whitespace, WhitespaceSplit, BertPreTokenizer drop spaces).
+_KEEPING = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts", "Split"}
+
+
+def _normalizer_factor(n: Any) -> float | None:
+    if n is None:
+        return 1.0
+    if n.get("type") == "Sequence":
+        factors = [_normalizer_factor(sub) for sub in n.get("normalizers", [])]
+        return None if None in factors else math.prod(f for f in factors if f)
+    if n.get("type") == "Replace":  # e.g. SentencePiece's " " -> U+2581: only a literal pattern has a known ratio
+        pattern, content = (n.get("pattern") or {}).get("String"), n.get("content") or ""
+        return max(1.0, len(pattern.encode()) / len(content.encode())) if isinstance(pattern, str) and content else None
+    return _SHRINKING.get(n.get("type"))
+
+
+def _pre_tokenizers(p: Any) -> list[dict[str, Any]]:
+    if p is None or p.get("type") != "Sequence":
+        return [] if p is None else [p]
+    return [q for sub in p.get("pretokenizers", []) for q in _pre_tokenizers(sub)]
+
+
+def _covers_all_text(model: dict[str, Any], pre: list[dict[str, Any]], vocab: Mapping[str, int]) -> bool:
+    """Whether each token covers a bounded span: no fused unk runs, no dropped unknown characters."""
+    if model.get("byte_fallback"):
+        return True
+    if model.get("type") != "BPE":
+        return False  # Unigram fuses unknown runs; WordLevel / WordPiece make a whole unknown word one token
+    byte_level = any(q.get("type") == "ByteLevel" for q in pre)
+    if byte_level and all(c in vocab for c in pre_tokenizers.ByteLevel.alphabet()):
+        return True  # every byte has its own piece: nothing is unknown
+    # Otherwise an unknown character becomes unk (one each, unless a run is fused into one) or, with no
+    # unk token, is dropped.
+    return model.get("unk_token") is not None and not model.get("fuse_unk")
 
 
 def _validate_messages(messages: Sequence[Mapping[str, Any]]) -> None:

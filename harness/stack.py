@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,17 +27,69 @@ def free_port() -> int:
 class Proc:
     def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
         self.name = name
+        self.args = args
         self.log = log_dir / f"{name}.log"
-        self._fh = open(self.log, "w")  # noqa: SIM115 (kept open for the process's life)
+        self._fh = open(self.log, "a")  # noqa: SIM115 (kept open for the process's life)
+        self.proc = self._start()
+
+    def _start(self) -> subprocess.Popen:
         env = dict(os.environ, GLOG_minloglevel="2", NIXL_LOG_LEVEL="WARN")
-        self.proc = subprocess.Popen(args, stdout=self._fh, stderr=subprocess.STDOUT, env=env)
+        # its own session: a kill reaches the server's scheduler child too, as a pod restart would
+        return subprocess.Popen(self.args, stdout=self._fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (front and scheduler), as a crashed pod."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def signal(self, signum: int) -> None:
+        os.killpg(self.proc.pid, signum)
+
+    def restart(self) -> None:
+        """Kill it and start the same command line again (same ports): a restarted peer at the same address."""
+        self.kill()
+        self._fh.write(f"\n----- restarted at {time.time():.3f} -----\n")
+        self._fh.flush()
+        self.proc = self._start()
+
+    def pids(self) -> list[int]:
+        """The process and its descendants (a server is a front plus a scheduler process)."""
+        out, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            try:
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                continue
+            todo.extend(int(c) for c in children)
+        return out
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the process tree."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        return total
+
+    def open_fds(self) -> int:
+        """Open file descriptors of the process tree."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                total += len(os.listdir(f"/proc/{pid}/fd"))
+        return total
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.terminate()  # SIGTERM to the leader only: the server stops its own children
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -47,20 +101,29 @@ class Proc:
 class Stack:
     """prefill + decode (+ router) for one transfer backend."""
 
-    def __init__(self, backend: str, extra: list[str] | None = None, prefill_extra: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        backend: str,
+        extra: list[str] | None = None,
+        prefill_extra: list[str] | None = None,
+        decode_extra: list[str] | None = None,
+        router_extra: list[str] | None = None,
+        model: str = MODEL,
+    ) -> None:
         self.backend = backend
         self.log_dir = Path(tempfile.mkdtemp(prefix=f"pdserve-e2e-{backend}-"))
         self.prefill_port, self.decode_port, self.bootstrap_port = free_port(), free_port(), free_port()
         self.router_port = free_port()
         pd = [sys.executable, "-m", "pdserve", "--log-level", "warning"]
-        common = ["--model", MODEL, "--transfer-backend", backend, "--kv-cache-gb", "0.05", *(extra or [])]
+        common = ["--model", model, "--transfer-backend", backend, "--kv-cache-gb", "0.05", *(extra or [])]
         self.procs = [
             Proc("prefill", [*pd, "prefill", *common, "--port", str(self.prefill_port),
                              "--bootstrap-port", str(self.bootstrap_port), *(prefill_extra or [])], self.log_dir),
-            Proc("decode", [*pd, "decode", *common, "--port", str(self.decode_port)], self.log_dir),
+            Proc("decode", [*pd, "decode", *common, "--port", str(self.decode_port), *(decode_extra or [])],
+                 self.log_dir),
             Proc("router", [*pd, "router", "--port", str(self.router_port),
                             "--prefill", self.prefill_url, str(self.bootstrap_port),
-                            "--decode", self.decode_url], self.log_dir),
+                            "--decode", self.decode_url, *(router_extra or [])], self.log_dir),
         ]  # fmt: skip
         try:
             self.wait_ready(f"{self.router_url}/readiness", 240)
@@ -117,6 +180,9 @@ class Stack:
                 pass
             time.sleep(0.3)
         raise TimeoutError(f"sglang-router not healthy:\n{proc.tail()}")
+
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.procs if p.name == name)
 
     def kv_pages_used(self) -> dict[str, int]:
         out = {}

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+from contracts.http import DEFAULT_MAX_BODY_BYTES
 from contracts.pd import DEFAULT_BOOTSTRAP_PORT
 from engine.config import EngineConfig
 from transfer.config import BACKENDS, Timeouts, TransferConfig
@@ -66,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument(
-        "--json", action="store_true", help='print {"text": ..., "token_ids": [...]} (generated tokens only) per prompt'
+        "--json",
+        action="store_true",
+        help='print {"text": ..., "token_ids": [...], "prompt_token_ids": [...]} per prompt (token_ids: generated)',
     )
     gen.set_defaults(func=cmd_generate)
 
@@ -88,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--host", default="127.0.0.1", help="address the router listens on")
     la.add_argument("--port", type=int, default=30000, help="router port (servers get free ports)")
     la.add_argument("--startup-timeout", type=float, default=300.0)
+    add_body_limit_arg(la)
     la.set_defaults(func=cmd_launch)
     return parser
 
@@ -111,6 +115,7 @@ def add_server_args(p: argparse.ArgumentParser, role: str, port: int) -> None:
         help="prefill: bootstrap server port; decode: default for requests that give none",
     )
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a silent request fails")
+    add_body_limit_arg(p)
     t = Timeouts()
     p.add_argument("--bootstrap-timeout", type=float, default=float(env("BOOTSTRAP_TIMEOUT", str(t.bootstrap))))
     p.add_argument("--waiting-timeout", type=float, default=float(env("WAITING_TIMEOUT", str(t.waiting_for_input))))
@@ -126,6 +131,15 @@ def add_server_args(p: argparse.ArgumentParser, role: str, port: int) -> None:
     )
     if role == "prefill":
         add_pipeline_args(p)
+
+
+def add_body_limit_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=int(env("MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES))),
+        help="largest request body accepted, in bytes; larger ones get 413 (PDSERVE_MAX_BODY_BYTES)",
+    )
 
 
 def add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -196,17 +210,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         params.validate()
         engine = Engine(engine_config(args))
+        # The servers' rule (engine.tokenizer): text gets the tokenizer's special tokens, chat its template's.
+        tok, max_tokens = engine.tokenizer, engine.context_length - 1
         if args.chat:
-            prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in args.prompt]
+            chats = [[{"role": "user", "content": p}] for p in args.prompt]
+            prompts = [tok.apply_chat_template(m, max_tokens=max_tokens) for m in chats]
         else:
-            prompts = [engine.tokenizer.encode(p) for p in args.prompt]
+            prompts = [tok.encode_prompt(p, max_tokens=max_tokens) for p in args.prompt]
         outputs = engine.generate(prompts, params)
     except (ValueError, RuntimeError) as e:
         print(f"pdserve generate: error: {e}", file=sys.stderr)
         return 2
-    for out in outputs:
+    for ids, out in zip(prompts, outputs, strict=True):
         if args.json:
-            print(json.dumps({"text": out.text, "token_ids": out.token_ids}))
+            print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_token_ids": ids}))
         else:
             print(out.text)
     return 0
@@ -231,6 +248,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     )
     pipeline = pipeline_settings(args) if args.role == "prefill" else PipelineSettings()
     try:
+        if args.max_body_bytes < 1:
+            raise ValueError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
         transfer.validate()
         pipeline.validate()
         cfg = engine_config(args)
@@ -242,6 +261,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         role=args.role, engine=cfg, transfer=transfer, host=args.host, port=args.port,
         served_model_name=args.served_model_name, bootstrap_port=args.bootstrap_port,
         request_timeout_s=args.request_timeout, log_level=args.log_level, pipeline=pipeline,
+        max_body_bytes=args.max_body_bytes,
     )  # fmt: skip
     if args.role == "prefill":
         from prefill_server.server import run_prefill

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from contracts.http import DEFAULT_MAX_BODY_BYTES
 from contracts.pd import DEFAULT_BOOTSTRAP_PORT
 from engine.config import EngineConfig, ModelConfig
 from transfer.config import TransferConfig
@@ -53,6 +54,7 @@ class ServerSettings:
     request_timeout_s: float = 600.0
     log_level: str = "warning"
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 before they are buffered
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -144,6 +146,7 @@ def _serve(settings: ServerSettings, make_scheduler: MakeScheduler, crashed: thr
             request_timeout_s=settings.request_timeout_s,
             server_args=_server_args(settings),
             prometheus_multiproc_dir=str(metrics_dir),
+            max_body_bytes=settings.max_body_bytes,
         )
         run_front(front, settings.host, settings.port)
     finally:
@@ -174,5 +177,6 @@ def _server_args(s: ServerSettings) -> dict[str, Any]:
         "role": s.role, "model": e.model, "host": s.host, "port": s.port, "bootstrap_port": s.bootstrap_port,
         "transfer_backend": t.backend, "advertise_host": t.host, "page_size": e.page_size,
         "max_batch_size": e.max_batch_size, "max_prefill_tokens": e.max_prefill_tokens, "device": e.device,
-        "pipeline": vars(s.pipeline), "emulated_link_gbps": t.emulated_link_gbps, "started": time.time(), **s.extra,
+        "pipeline": vars(s.pipeline), "emulated_link_gbps": t.emulated_link_gbps, "started": time.time(),
+        "max_body_bytes": s.max_body_bytes, **s.extra,
     }  # fmt: skip

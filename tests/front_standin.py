@@ -3,6 +3,7 @@
 The stand-in is a thread speaking serving.ipc over the front's real ZMQ sockets. It decides what to do
 from the request's sampling seed:
   none  echo the prompt's token ids back, one per output (finish "length" or "stop")
+  555   the echo, one token every 0.1 s (a request that runs a while, then completes)
   666   fail at once (error, status 503)
   777   one token every 0.1 s, forever (until aborted)
   888   one token, then fail (error mid-stream)
@@ -93,6 +94,8 @@ class StandInScheduler(threading.Thread):
             return
         tid = ids[pos % len(ids)]
         st["pos"] = pos = pos + 1
+        if seed == 555:
+            st["next"] = time.monotonic() + 0.1
         if seed in (777, 888):
             st["next"] = time.monotonic() + 0.1
             self.out(
@@ -119,11 +122,11 @@ class StandInScheduler(threading.Thread):
 
 
 class Server:
-    def __init__(self, request_timeout_s: float = 2.0, **cfg_kw: Any) -> None:
+    def __init__(self, request_timeout_s: float = 2.0, model_dir: str | Path | None = None, **cfg_kw: Any) -> None:
         from engine.builtin import resolve_model
         from engine.tokenizer import Tokenizer
 
-        model_dir = resolve_model("builtin:tiny-llama")
+        model_dir = model_dir or resolve_model("builtin:tiny-llama")
         # Short paths: ipc:// names are limited to ~100 bytes.
         self.tmp = Path(tempfile.mkdtemp(prefix="pdsv"))
         cfg = FrontConfig(
@@ -142,6 +145,8 @@ class Server:
         self.app = create_app(cfg)
         self.tok = self.app.state.front.tokenizer
         assert isinstance(self.tok, Tokenizer)
+        self.named: dict[str, list[str]] = {}  # client rid -> the internal rids the front gave prompts of that name
+        self._log_registrations()
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -155,6 +160,32 @@ class Server:
         self.sched = StandInScheduler(cfg.ipc_to_scheduler, cfg.ipc_from_scheduler, self.tok)
         self.sched.start()
         self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def _log_registrations(self) -> None:
+        """Record which internal rid the front gave each named prompt: the stand-in scheduler only sees those."""
+        client = self.app.state.front.scheduler
+        register = client.register
+
+        def logged(route: Any, rid: str, names: list[str]) -> None:
+            for name in names:
+                self.named.setdefault(name, []).append(rid)
+            register(route, rid, names)
+
+        client.register = logged
+
+    def internal(self, client_rid: str) -> list[str]:
+        """The internal rids of every prompt so far that the client called `client_rid` (oldest first)."""
+        return list(self.named.get(client_rid, []))
+
+    def wait_sent(self, client_rid: str, n: int = 1) -> list[str]:
+        """Wait until `n` prompts named `client_rid` reached the stand-in scheduler; their internal rids."""
+        wait_for(lambda: sum(r in self.sched.requests for r in self.internal(client_rid)) >= n)
+        return [r for r in self.internal(client_rid) if r in self.sched.requests]
+
+    def front_tables(self) -> dict[str, int]:
+        """Sizes of the front's per-request tables (all 0 once nothing is in flight)."""
+        client = self.app.state.front.scheduler
+        return {"routes": len(client.routes), "names": len(client.names)}
 
     def make_ready(self) -> None:
         self.sched.ready.set()

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import transformers
 
@@ -22,12 +23,14 @@ def test_generate_json_matches_transformers():
     proc = run_cli("generate", "--model", "builtin:tiny-llama", "--prompt", "Hello", "--json", "--max-new-tokens", "20")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) == {"text", "token_ids"}
+    assert set(out) == {"text", "token_ids", "prompt_token_ids"}
 
     path = resolve_model("builtin:tiny-llama")
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = tok("Hello", add_special_tokens=False, return_tensors="pt").input_ids
+    # the servers' rule, transformers' default: special tokens per the tokenizer (tiny-llama's adds none)
+    ids = tok("Hello", return_tensors="pt").input_ids
+    assert out["prompt_token_ids"] == ids[0].tolist()
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1] :].tolist()
     # the engine stops at an eos token exactly where generate does
@@ -41,3 +44,25 @@ def test_generate_reports_bad_input_clearly():
     assert "unknown" in proc.stderr.lower() and "tiny-llama" in proc.stderr
     proc = run_cli("generate", "--prompt", "hi", "--temperature", "-1")
     assert proc.returncode == 2 and "temperature" in proc.stderr
+
+
+def test_max_body_bytes_flag_env_twin_and_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from contracts.http import DEFAULT_MAX_BODY_BYTES
+    from pdserve.cli import build_parser, engine_argv
+    from pdserve.local import child_commands
+
+    for role in ("prefill", "decode", "launch"):
+        assert build_parser().parse_args([role]).max_body_bytes == DEFAULT_MAX_BODY_BYTES
+        assert build_parser().parse_args([role, "--max-body-bytes", "1234"]).max_body_bytes == 1234
+    monkeypatch.setenv("PDSERVE_MAX_BODY_BYTES", "4321")
+    args = build_parser().parse_args(["launch"])
+    assert args.max_body_bytes == 4321
+    commands = child_commands(args, engine_argv(args), 1, 2, 3)
+    for name in ("prefill", "decode", "router"):  # the same limit at all three processes
+        cmd = commands[name]
+        assert cmd[cmd.index("--max-body-bytes") + 1] == "4321", name
+    # each child's own parser takes what launch passes it
+    build_parser().parse_args(commands["prefill"][3:])
+    build_parser().parse_args(commands["router"][3:])
+    proc = run_cli("decode", "--max-body-bytes", "0")
+    assert proc.returncode == 2 and "--max-body-bytes" in proc.stderr

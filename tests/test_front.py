@@ -141,7 +141,7 @@ def test_bootstrap_fields_reach_the_scheduler(srv: Server) -> None:
     }
     r = srv.client.post("/v1/completions", json={**body, "rid": "bs"})
     assert r.status_code == 200, r.text
-    reqs = [srv.sched.requests["bs_0"], srv.sched.requests["bs_1"]]
+    reqs = [srv.sched.requests[srv.internal(f"bs_{i}")[0]] for i in range(2)]
     assert [(q.bootstrap_host, q.bootstrap_port, q.bootstrap_room) for q in reqs] == [
         ("10.0.0.1", BOOTSTRAP_PORT, 11),
         ("10.0.0.1", 9000, 12),
@@ -207,7 +207,8 @@ def test_request_timeout_504(srv: Server) -> None:
     r = srv.client.post("/generate", json={"text": "a", "rid": "silent", "sampling_params": {"seed": 999}})
     assert r.status_code == 504 and "no output" in r.json()["error"]["message"]
     assert time.monotonic() - t0 >= 2.0
-    wait_for(lambda: "silent" in srv.sched.aborts)
+    (rid,) = srv.internal("silent")
+    wait_for(lambda: rid in srv.sched.aborts)
 
 
 def test_stream_client_disconnect_aborts(srv: Server) -> None:
@@ -218,8 +219,9 @@ def test_stream_client_disconnect_aborts(srv: Server) -> None:
         first = next(line for line in lines if line)
         assert json.loads(first[len("data: ") :])["choices"][0]["text"]
     # leaving the block closed the connection mid-stream
-    wait_for(lambda: "disc-stream" in srv.sched.aborts)
-    assert "disc-stream" not in srv.app.state.front.routes
+    (rid,) = srv.internal("disc-stream")
+    wait_for(lambda: rid in srv.sched.aborts)
+    assert rid not in srv.app.state.front.routes and "disc-stream" not in srv.app.state.front.scheduler.names
 
 
 def test_non_stream_client_disconnect_aborts(srv: Server) -> None:
@@ -227,8 +229,9 @@ def test_non_stream_client_disconnect_aborts(srv: Server) -> None:
         srv.client.post(
             "/v1/completions", json={"prompt": "abc", "seed": 777, "max_tokens": 1000, "rid": "disc"}, timeout=0.5
         )
-    wait_for(lambda: "disc" in srv.sched.aborts)
-    assert "disc" not in srv.app.state.front.routes
+    (rid,) = srv.internal("disc")
+    wait_for(lambda: rid in srv.sched.aborts)
+    assert rid not in srv.app.state.front.routes and "disc" not in srv.app.state.front.scheduler.names
 
 
 def test_abort_request_endpoint(srv: Server) -> None:
@@ -240,25 +243,17 @@ def test_abort_request_endpoint(srv: Server) -> None:
 
     t = threading.Thread(target=call)
     t.start()
-    wait_for(lambda: "ab_1" in srv.sched.requests)
+    rids = srv.wait_sent("ab")  # the group rid names both prompts
+    assert len(rids) == 2 and srv.internal("ab_0") + srv.internal("ab_1") == rids
     assert srv.client.post("/abort_request", json={"rid": "ab"}).status_code == 200
     t.join(10)
     body = result["r"].json()
     assert result["r"].status_code == 200
     assert [b["meta_info"]["finish_reason"]["type"] for b in body] == ["abort", "abort"]
+    assert [b["meta_info"]["id"] for b in body] == ["ab_0", "ab_1"]
     # the answer can beat the stand-in scheduler's receipt of the second abort: wait for both
-    wait_for(lambda: {"ab_0", "ab_1"} <= set(srv.sched.aborts))
+    wait_for(lambda: set(rids) <= set(srv.sched.aborts))
     assert srv.client.post("/abort_request", json={}).status_code == 400
-
-
-def test_duplicate_live_rid_rejected(srv: Server) -> None:
-    body = {"prompt": "abc", "stream": True, "seed": 777, "max_tokens": 1000, "rid": "dup"}
-    with srv.client.stream("POST", "/v1/completions", json=body) as r:
-        lines = r.iter_lines()  # keep a reference: a collected line iterator closes the stream
-        assert next(lines).startswith("data: ")
-        again = srv.client.post("/v1/completions", json=body)
-        assert again.status_code == 400 and "dup" in again.json()["error"]["message"], again.text[:500]
-    wait_for(lambda: "dup" in srv.sched.aborts)
 
 
 def test_info_endpoints_load_and_metrics(srv: Server) -> None:

@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from serving.ipc import CODEC, RequestOutput, pack
-from tests.front_standin import Server, wait_for
+from tests.front_standin import Server
 
 
 def test_reader_drops_bad_messages_and_delivers_the_next_good_one(caplog: pytest.LogCaptureFixture) -> None:
@@ -33,7 +33,7 @@ def test_reader_drops_bad_messages_and_delivers_the_next_good_one(caplog: pytest
             fut = pool.submit(
                 s.client.post, "/v1/completions", json={"prompt": "ab", "seed": 999, "max_tokens": 4, "rid": rid}
             )
-            wait_for(lambda: rid in s.sched.requests)
+            (rid,) = s.wait_sent(rid)  # outputs address the front's own id for the prompt
             bad_output = {"rid": rid, "text": "BAD", "finished": True, "finish_reason": "stop"}
             inject.send(b"\xc1 not msgpack at all")
             inject.send(msgpack.packb({"v": CODEC.version + 1, "type": "output", **bad_output}))

@@ -242,3 +242,76 @@ def _byte_chars() -> dict[str, int]:
             cs.append(256 + n)
             n += 1
     return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+# -- the prompt rule and the byte bound ----------------------------------------------------------------------
+
+BOUND_TEXTS = [
+    *ROUND_TRIP_TEXTS,
+    " " * 3000,  # a long run a pre-tokenizer might fold into few tokens
+    "\U0001d400\U0001d401" * 200,  # 4-byte letters NFKC would shrink
+    "\u1100\u1161\u11a8" * 200,  # Hangul jamo NFC composes, 9 bytes into 3
+    "e\u0301" * 300,
+    "<|im_start|><|begin_of_text|>" * 50,  # specials: the longest pieces
+]
+
+
+def _hf(raw: object, **kw: object) -> transformers.PreTrainedTokenizerFast:
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=raw, **kw)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "qwen2"])
+def test_max_token_bytes_bounds_every_encoding(style: str) -> None:
+    """The invariant the byte cap rests on: no text has more UTF-8 bytes than its tokens × max_token_bytes."""
+    t = Tokenizer(build_byte_level_tokenizer(style))  # type: ignore[arg-type]
+    longest = max(len(p.encode()) for p in t.hf.get_vocab())
+    assert t.max_token_bytes == (longest if style == "gpt2" else 4 * longest)  # qwen2 normalizes (NFC)
+    for text in BOUND_TEXTS:
+        if text:
+            assert len(t.encode_prompt(text)) * t.max_token_bytes >= len(text.encode()), text[:40]
+
+
+def test_max_token_bytes_is_none_where_no_bound_holds() -> None:
+    from tokenizers import AddedToken, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as Raw
+
+    def word_level() -> Raw:
+        raw = Raw(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+        raw.pre_tokenizer = pre_tokenizers.Whitespace()
+        return raw
+
+    assert Tokenizer(_hf(word_level())).max_token_bytes is None  # a whole unknown word is one token
+    bpe = build_byte_level_tokenizer()._tokenizer
+    stripped = Raw.from_str(bpe.to_str())
+    stripped.normalizer = normalizers.Strip()
+    assert Tokenizer(_hf(stripped)).max_token_bytes is None  # a normalizer that removes text
+    swallowing = Raw.from_str(bpe.to_str())
+    swallowing.add_special_tokens([AddedToken("<mask>", lstrip=True)])
+    assert Tokenizer(_hf(swallowing)).max_token_bytes is None  # a token that eats the spaces beside it
+    sp = Raw(models.BPE({"<unk>": 0, "<0x20>": 1, "\u2581": 2, "a": 3}, [], unk_token="<unk>", byte_fallback=True))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    assert Tokenizer(_hf(sp)).max_token_bytes == 6  # SentencePiece-style: "<0x20>" is the longest piece
+
+
+def test_encode_prompt_refuses_by_size_and_invalid_unicode(tok: Tokenizer) -> None:
+    from engine.tokenizer import PromptTooLong
+
+    assert tok.max_token_bytes is not None
+    limit = 10 * tok.max_token_bytes
+    assert tok.encode_prompt("a" * limit, max_tokens=10)  # at the limit: tokenized (and then counted)
+    with pytest.raises(PromptTooLong) as info:
+        tok.encode_prompt("a" * (limit + 1), max_tokens=10)
+    assert (info.value.size_bytes, info.value.limit_bytes) == (limit + 1, limit)
+    with pytest.raises(PromptTooLong):  # chat: the rendered text is what counts
+        tok.apply_chat_template([{"role": "user", "content": "a" * limit}], max_tokens=10)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tok.encode_prompt("a\udcff")  # what an undecodable command-line byte becomes
+
+
+def test_a_refusing_template_raises_chat_template_error(tok_dir: Path) -> None:
+    from engine.tokenizer import ChatTemplateError
+
+    t = Tokenizer.from_pretrained(tok_dir)
+    t.hf.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ChatTemplateError, match="roles must alternate"):
+        t.apply_chat_template([{"role": "user", "content": "hi"}])

@@ -39,7 +39,7 @@ from serving.api.render import (
     usage,
     usage_chunk,
 )
-from serving.api.request import check_token_ids, finalize_sampling, parse_request
+from serving.api.request import check_token_ids, finalize_sampling, parse_request, prompt_too_large
 from serving.api.results import PromptResult
 from serving.api.spec import (
     COMPLETION_DEFAULT_MAX_TOKENS,
@@ -76,6 +76,7 @@ __all__ = [
     "parse_generate",
     "parse_json_body",
     "parse_request",
+    "prompt_too_large",
     "sglang_finish_reason",
     "sse",
     "usage",

@@ -11,10 +11,10 @@ clients routinely send neutral values (`presence_penalty: 0`, `n: 1`), and those
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from contracts.http import BodyError, parse_json_object
 from serving.api.errors import APIError, bad, tname
 
 __all__ = [
@@ -46,28 +46,12 @@ Unsupported = Mapping[str, tuple[Callable[[Any], bool], str]]
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or 400."""
-    if not raw:
-        raise APIError(400, "request body is empty; expected a JSON object")
+    """The request body as a JSON object, or 400 (empty, not JSON, not an object, nested too deep, a lone
+    surrogate in a string): the rules the router shares, `contracts.http.parse_json_object`."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"request body must be a JSON object, got {_json_kind(body)}")
-    return body
-
-
-def _json_kind(value: object) -> str:
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    return "a number"
+        return parse_json_object(raw)
+    except BodyError as exc:
+        raise APIError(exc.status, exc.message) from None
 
 
 def is_int(v: object) -> bool:

@@ -53,7 +53,8 @@ def bootstrap(body: dict[str, Any], n: int) -> list[Bootstrap]:
 
 
 def rids(body: dict[str, Any], n: int) -> list[str | None]:
-    """Each prompt's client rid (None: the front picks one), by `contracts.pd.prompt_rids`."""
+    """Each prompt's client rid (None: it gave none), by `contracts.pd.prompt_rids`. A client rid is only a name,
+    echoed in the answer and matched by /abort_request; the front sends every prompt under its own unique id."""
     try:
         ids = prompt_rids(body.get("rid"), n)
     except RidError as exc:
@@ -65,7 +66,7 @@ def attach(prompts: list[PromptSpec], body: dict[str, Any]) -> str | None:
     """Set each prompt's bootstrap fields and rid; return the batch's shared client rid, if any.
 
     A string rid on a batch is the group's id (its prompts get `<rid>_<i>`): the front keeps the group
-    so that /abort_request with the bare id reaches all of them.
+    name so that /abort_request with the bare id reaches all of them.
     """
     n = len(prompts)
     for p, (host, port, room), rid in zip(prompts, bootstrap(body, n), rids(body, n), strict=True):

@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from serving.api.chat import parse_chat
-from serving.api.errors import bad
+from serving.api.errors import APIError, bad
 from serving.api.generate import parse_generate
 from serving.api.openai import parse_completion
 from serving.api.spec import Kind, ParsedRequest, PromptSpec
 
-__all__ = ["check_token_ids", "finalize_sampling", "parse_request"]
+__all__ = ["check_token_ids", "finalize_sampling", "parse_request", "prompt_too_large"]
 
 
 def parse_request(kind: Kind, body: dict[str, Any], served_model_name: str) -> ParsedRequest:
@@ -49,6 +49,18 @@ def finalize_sampling(
             "tokens; shorten the prompt or lower the limit",
         )
     return kw
+
+
+def prompt_too_large(param: str, size_bytes: int, max_token_bytes: int, context_length: int) -> APIError:
+    """The context check's 400 for a text prompt refused by its size before tokenization: no token stands for
+    more than `max_token_bytes` bytes, so more than (context - 1) times that cannot fit."""
+    limit = (context_length - 1) * max_token_bytes
+    return bad(
+        param,
+        f"the prompt has {size_bytes} bytes of text, but this model's context length is {context_length} tokens "
+        f"and at least one token must be generated (no token covers more than {max_token_bytes} bytes, so at most "
+        f"{limit} bytes can fit); shorten the prompt",
+    )
 
 
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:

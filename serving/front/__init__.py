@@ -16,9 +16,13 @@ Plumbing:
   `http.disconnect` message; it wakes the request's queue, whose owner then aborts every unfinished
   prompt. Streaming responses are also covered when the server cancels the response task.
 
-Modules: `config` (FrontConfig), `scheduler_client` (the ZMQ link and its reader task), `inflight` (one
-HTTP request's prompts), `state` (what all endpoints share), `generation` (the generation endpoints),
-`sse` (streamed responses), `info` (health, info, load, abort), `app` (routes, error handling, runner).
+Modules: `config` (FrontConfig), `body` (reading a body within --max-body-bytes), `scheduler_client` (the
+ZMQ link, its reader task and the rid tables), `inflight` (one HTTP request's prompts), `state` (what all
+endpoints share), `generation` (the generation endpoints), `sse` (streamed responses), `info` (health,
+info, load, abort), `app` (routes, error handling, runner).
+
+Requests are isolated: each prompt is sent under an id the front makes; the client's rid is only echoed
+and names prompts for /abort_request (see `scheduler_client`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from contracts.http import DEFAULT_MAX_BODY_BYTES
+
 __all__ = ["FrontConfig"]
 
 
@@ -30,3 +32,9 @@ class FrontConfig:
     # When set, the front puts itself in Prometheus multiprocess mode with this directory (the same one
     # the scheduler uses), so /metrics merges both processes.
     prometheus_multiproc_dir: str | None = None
+    # A larger request body gets 413 before it is buffered (--max-body-bytes; the router has the same limit).
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1:
+            raise ValueError(f"FrontConfig.max_body_bytes must be at least 1, got {self.max_body_bytes}")

@@ -1,9 +1,14 @@
 """The generation endpoints (/generate, /v1/completions, /v1/chat/completions) from body to response.
 
-A request is parsed and validated (`serving.api`), tokenized, and sent as one `GenerateRequest` per
-prompt; its outputs are then collected into one JSON body, or streamed as SSE. Every way a request can
-end — success, an error status, a client that went away, a bug — is counted once in
-pdserve_requests_total and leaves no prompt running in the scheduler.
+A request is read within the body limit (`body`), parsed and validated (`serving.api`), tokenized, and
+sent as one `GenerateRequest` per prompt under an id the front makes (the client's rid is only echoed);
+its outputs are then collected into one JSON body, or streamed as SSE. Every way a request can end —
+success, an error status, a client that went away, a bug — is counted once in pdserve_requests_total
+and leaves no prompt running in the scheduler.
+
+Text and chat prompts are tokenized by the engine's one rule (`Tokenizer.encode_prompt`,
+`Tokenizer.apply_chat_template`, which `pdserve generate` uses too), and refused by their size in bytes
+before tokenization when they cannot fit the context.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from engine.tokenizer import ChatTemplateError, PromptTooLong
 from serving import api
+from serving.front.body import read_body
 from serving.front.inflight import ClientGone, Inflight
 from serving.front.sse import SSEResponse, sse_body
 from serving.front.state import FrontState, error_response
@@ -43,11 +50,17 @@ class GenerationEndpoints(FrontState):
             reason = self.not_ready_reason()
             if reason is not None:
                 raise api.APIError(503, reason)
-            body = api.parse_json_body(await request.body())
+            body = api.parse_json_body(await read_body(request, self.cfg.max_body_bytes))
             parsed = api.parse_request(kind, body, self.cfg.served_model_name)
             reqs = await self._build_requests(parsed, arrival)
-            flight = self.new_flight([r.rid for r in reqs], arrival)
-            flight.submit(reqs, request, parsed.group_rid)
+            flight = self.new_flight(
+                [r.rid for r in reqs],
+                arrival,
+                client_rids=[p.rid for p in parsed.prompts],
+                rooms=[p.bootstrap_room for p in parsed.prompts],
+                group_rid=parsed.group_rid,
+            )
+            flight.submit(reqs, request)
         except api.APIError as err:
             self.count(err.status)
             return error_response(err)
@@ -67,24 +80,20 @@ class GenerationEndpoints(FrontState):
     async def _build_requests(self, parsed: api.ParsedRequest, arrival: float) -> list[GenerateRequest]:
         reqs = []
         for spec in parsed.prompts:
-            if spec.input_ids is not None:
-                param = "input_ids" if parsed.kind == "generate" else "prompt"
-                api.check_token_ids(spec.input_ids, self.vocab_size, param)
-                ids = spec.input_ids
-            elif spec.messages is not None:
-                ids = await self._tokenize_chat(spec.messages)
-            else:
-                assert spec.text is not None
-                ids = await self._tokenize_text(spec.text)
+            ids = spec.input_ids if spec.input_ids is not None else await self._tokenize(spec)
             if not ids:
                 raise api.APIError(400, "the prompt is empty after tokenization", param="prompt")
+            # The length first: a token-id list far past the context is refused without a look at each id.
             sampling = api.finalize_sampling(spec, len(ids), self.cfg.context_length, parsed.max_tokens_field)
+            if spec.input_ids is not None:
+                api.check_token_ids(ids, self.vocab_size, "input_ids" if parsed.kind == "generate" else "prompt")
             host, port = spec.bootstrap_host, spec.bootstrap_port
             if port is None and (host is not None or spec.bootstrap_room is not None):
                 port = self.cfg.default_bootstrap_port
             reqs.append(
                 GenerateRequest(
-                    rid=spec.rid or uuid.uuid4().hex,
+                    # Ours, unique per prompt: a client rid (spec.rid) may be reused by anyone; it is only echoed.
+                    rid=uuid.uuid4().hex,
                     input_ids=list(ids),
                     sampling=sampling,
                     bootstrap_host=host,
@@ -97,26 +106,33 @@ class GenerationEndpoints(FrontState):
             )
         return reqs
 
-    async def _tokenize_text(self, text: str) -> list[int]:
-        # add_special_tokens=True: a plain-text prompt gets the tokenizer's usual BOS (Llama), as in
-        # vLLM and SGLang; chat templates write their own specials instead.
-        def enc() -> list[int]:
-            return list(self.tokenizer.hf.encode(text, add_special_tokens=True))
+    async def _tokenize(self, spec: api.PromptSpec) -> list[int]:
+        """A text or chat prompt's ids by the engine's one rule; 400 when it cannot fit the context (judged by
+        its size before tokenizing) or the chat template refuses it."""
+        tok, max_tokens = self.tokenizer, self.cfg.context_length - 1  # at least one token must be generated
+        if spec.messages is not None:
+            messages = spec.messages
+            size = sum(len(m["content"]) for m in messages)
 
-        if len(text) <= _TOKENIZE_INLINE_MAX_CHARS:
-            return enc()
-        return await asyncio.to_thread(enc)
+            def enc() -> list[int]:
+                return tok.apply_chat_template(messages, max_tokens=max_tokens)
+        else:
+            text = spec.text
+            assert text is not None
+            size = len(text)
 
-    async def _tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        def enc() -> list[int]:
-            try:
-                return self.tokenizer.apply_chat_template(messages)
-            except ValueError as exc:
-                raise api.APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+            def enc() -> list[int]:
+                return tok.encode_prompt(text, max_tokens=max_tokens)
 
-        if sum(len(m["content"]) for m in messages) <= _TOKENIZE_INLINE_MAX_CHARS:
-            return enc()
-        return await asyncio.to_thread(enc)
+        param = "messages" if spec.messages is not None else "prompt"
+        try:
+            return enc() if size <= _TOKENIZE_INLINE_MAX_CHARS else await asyncio.to_thread(enc)
+        except PromptTooLong as exc:
+            raise api.prompt_too_large(param, exc.size_bytes, exc.max_token_bytes, self.cfg.context_length) from None
+        except ChatTemplateError as exc:
+            raise api.APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+        except ValueError as exc:  # not valid Unicode (the body parser already refuses lone surrogates)
+            raise api.APIError(400, str(exc), param=param) from None
 
     # -- non-streaming ------------------------------------------------------------------------------
 

@@ -5,6 +5,9 @@ every output to it), folds outputs into per-prompt `PromptResult`s, observes TTF
 latency, and on `close()` aborts whatever is unfinished and unregisters. `close()` is synchronous and
 idempotent, so it is safe from the `finally` of a cancelled response.
 
+Its rids are the front's own, unique per prompt; the client's rids (`client_rids`, with a batch's
+`group_rid`) are only names: echoed in the answer, and what /abort_request finds prompts by.
+
 Client disconnects are detected by a watcher task per HTTP request that awaits the ASGI
 `http.disconnect` message; it wakes the request's queue, whose owner then aborts every unfinished
 prompt (`next()` raises `ClientGone`).
@@ -45,9 +48,16 @@ class Inflight:
         metrics: Metrics,
         role: Role,
         record_metrics: bool = True,
+        client_rids: list[str | None] | None = None,
+        rooms: list[int | None] | None = None,
+        group_rid: str | None = None,
     ) -> None:
         self.client = client
-        self.rids = rids
+        self.rids = rids  # internal, unique: what the scheduler knows the prompts by
+        self.client_rids = client_rids if client_rids is not None else [None] * len(rids)
+        self.rooms = rooms if rooms is not None else [None] * len(rids)
+        self.group_rid = group_rid  # a client rid shared by a batch (its prompts are <rid>_<i>)
+        self._index = {rid: i for i, rid in enumerate(rids)}
         self.arrival = arrival
         self.timeout_s = timeout_s  # abort + 504 when no output comes for this long
         self.metrics = metrics
@@ -55,29 +65,33 @@ class Inflight:
         self.record_metrics = record_metrics
         # (prompt index, output), or None when the client went away.
         self.queue: asyncio.Queue[tuple[int, RequestOutput] | None] = asyncio.Queue()
-        self.results = [api.PromptResult(i, rid) for i, rid in enumerate(rids)]
+        # Answers echo the client's rid; a prompt it gave none shows the internal one.
+        self.results = [
+            api.PromptResult(i, c or rid) for i, (rid, c) in enumerate(zip(rids, self.client_rids, strict=True))
+        ]
         self._first_token_at: list[float | None] = [None] * len(rids)
         self._last_token_at: list[float] = [arrival] * len(rids)
         self._watcher: asyncio.Task[None] | None = None
         self._registered = False
         self.aborted = False  # the client disconnected or /abort_request named it
         self.closed = False
-        self.group_rid: str | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def submit(self, reqs: list[GenerateRequest], request: Request | None, group_rid: str | None = None) -> None:
+    def names(self, index: int) -> list[str]:
+        """What the client calls prompt `index`: its rid and its batch's group rid, where it gave them."""
+        return [n for n in (self.client_rids[index], self.group_rid) if n is not None]
+
+    def room_of(self, rid: str) -> int | None:
+        index = self._index.get(rid)
+        return None if index is None else self.rooms[index]
+
+    def submit(self, reqs: list[GenerateRequest], request: Request | None) -> None:
         """Register our rids, send `reqs` and, for a real HTTP request, start watching for a disconnect."""
         client = self.client
-        for rid in self.rids:
-            if rid in client.routes:
-                raise api.APIError(400, f"rid '{rid}' is already in use by a running request", param="rid")
-        for rid in self.rids:
-            client.routes[rid] = self
+        for i, rid in enumerate(self.rids):
+            client.register(self, rid, self.names(i))
         self._registered = True
-        if group_rid is not None:
-            self.group_rid = group_rid
-            client.groups[group_rid] = list(self.rids)
         try:
             for req in reqs:
                 client.send(req)
@@ -113,23 +127,18 @@ class Inflight:
             self._watcher.cancel()
         client = self.client
         if self._registered:
-            for r in self.results:
+            for i, (rid, r) in enumerate(zip(self.rids, self.results, strict=True)):
                 if not r.finished:
-                    client.send_abort(r.rid)
-                if client.routes.get(r.rid) is self:
-                    del client.routes[r.rid]
-            if self.group_rid is not None and client.groups.get(self.group_rid) == self.rids:
-                del client.groups[self.group_rid]
+                    client.send_abort(rid)
+                client.unregister(self, rid, self.names(i))
 
     # -- outputs ----------------------------------------------------------------------------------
 
     def deliver(self, out: RequestOutput) -> None:
         """Called by the reader task for each output of one of our rids."""
-        try:
-            index = self.rids.index(out.rid)
-        except ValueError:
-            return
-        self.queue.put_nowait((index, out))
+        index = self._index.get(out.rid)
+        if index is not None:
+            self.queue.put_nowait((index, out))
 
     def abort_rid(self, rid: str) -> None:
         """/abort_request: finish `rid` now as aborted (the scheduler's own final output, if any, is dropped)."""

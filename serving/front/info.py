@@ -15,9 +15,13 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
+from contracts.pd import ROOM_MAX
 from engine.sampling import SamplingParams
 from serving import api
+from serving.api.fields import is_int
+from serving.front.body import read_body
 from serving.front.state import FrontState, error_response
 from serving.ipc import GenerateRequest
 
@@ -68,18 +72,26 @@ class InfoEndpoints(FrontState):
             flight.close()
 
     async def abort_request(self, request: Request) -> Response:
-        """Abort one rid (or a batch by its client rid), or every request with `abort_all: true`."""
-        body = api.parse_json_body(await request.body())
-        rid, abort_all = body.get("rid"), body.get("abort_all", False)
-        routes, groups = self.scheduler.routes, self.scheduler.groups
+        """Abort the running prompts a client rid names (each prompt with that rid, and every prompt of a batch
+        with that group rid), only those in `bootstrap_room` when it is given (the router names one leg so), or
+        every request with `abort_all: true`. Rids here are client names; prompts that ended are not touched."""
+        try:
+            body = api.parse_json_body(await read_body(request, self.cfg.max_body_bytes))
+        except ClientDisconnect:  # gone while still sending its body: nobody to answer
+            return Response(status_code=499)
+        rid, room, abort_all = body.get("rid"), body.get("bootstrap_room"), body.get("abort_all", False)
+        if room is not None and (not is_int(room) or not 0 <= room <= ROOM_MAX):
+            raise api.APIError(
+                400, f"'bootstrap_room' must be an integer in [0, 2^63-1], got {room!r}", param="bootstrap_room"
+            )
+        routes = self.scheduler.routes
         if abort_all is True:
             targets = list(routes)
         elif isinstance(rid, str) and rid:
-            targets = groups.get(rid, [rid])
+            targets = self.scheduler.named(rid, room)
         else:
             raise api.APIError(400, "'rid' (a non-empty string) or 'abort_all': true is required", param="rid")
         for t in targets:
-            # Forwarded even when unknown here: harmless for the scheduler, and it may hold the rid.
             self.scheduler.send_abort(t)
             flight = routes.get(t)
             if flight is not None:

@@ -8,6 +8,11 @@
   `GenerateRequest` is sent, so no output can arrive for an unknown rid), keeps the latest
   `SchedulerStats` (and sets the load gauges from it) and the scheduler's `Ready` info.
 
+Rids here are the front's own (`uuid4().hex` per prompt), never the client's: a client rid is only echoed,
+so a second request reusing it cannot take over, or abort, the first. `names` maps what clients call their
+prompts (a prompt's rid, a batch's group rid) to the internal rids, for /abort_request; several requests in
+flight may share one name. Both tables lose a request's entries when it closes, however it ended.
+
 A message that does not decode (garbage, another protocol version, an unknown type) is logged and
 dropped: one bad message must never stop the reader, or every request in flight would hang.
 """
@@ -43,6 +48,8 @@ class Route(Protocol):
 
     def abort_rid(self, rid: str) -> None: ...
 
+    def room_of(self, rid: str) -> int | None: ...
+
     def close(self) -> None: ...
 
 
@@ -54,8 +61,8 @@ class SchedulerClient:
         self.from_scheduler = from_scheduler
         self.metrics = metrics
         self.role = role
-        self.routes: dict[str, Route] = {}  # scheduler rid -> its HTTP request
-        self.groups: dict[str, list[str]] = {}  # client rid of a batch -> its per-prompt rids
+        self.routes: dict[str, Route] = {}  # internal (scheduler) rid -> its HTTP request
+        self.names: dict[str, set[str]] = {}  # a client's name for prompts -> the internal rids it names now
         self.ready_info: dict[str, Any] | None = None  # the scheduler's Ready info, once it sent it
         self.stats: SchedulerStats | None = None
         self.stats_at = 0.0  # time.time() of the latest stats
@@ -94,6 +101,33 @@ class SchedulerClient:
         for ctx in (self._sctx, self._actx):
             if ctx is not None:
                 ctx.term()
+
+    # -- who owns which rid -------------------------------------------------------------------------
+
+    def register(self, route: Route, rid: str, names: list[str]) -> None:
+        """Route `rid`'s outputs to `route`; `names` (client rid, group rid) will find it for /abort_request."""
+        self.routes[rid] = route
+        for name in names:
+            self.names.setdefault(name, set()).add(rid)
+
+    def unregister(self, route: Route, rid: str, names: list[str]) -> None:
+        """Undo `register` (idempotent; only `route`'s own rid), dropping a name once no running prompt has it."""
+        if self.routes.get(rid) is not route:
+            return
+        del self.routes[rid]
+        for name in names:
+            rids = self.names.get(name)
+            if rids is not None:
+                rids.discard(rid)
+                if not rids:
+                    del self.names[name]
+
+    def named(self, name: str, room: int | None = None) -> list[str]:
+        """The internal rids of running prompts the client calls `name` (and, if given, in bootstrap `room`)."""
+        rids = sorted(self.names.get(name, ()))
+        if room is None:
+            return rids
+        return [r for r in rids if (route := self.routes.get(r)) is not None and route.room_of(r) == room]
 
     # -- front → scheduler --------------------------------------------------------------------------
 

@@ -52,10 +52,19 @@ class FrontState:
 
     @property
     def routes(self) -> dict[str, Route]:
-        """Scheduler rid -> the HTTP request that owns it (for inspection; the scheduler client owns it)."""
+        """Internal rid -> the HTTP request that owns it (for inspection; the scheduler client owns it)."""
         return self.scheduler.routes
 
-    def new_flight(self, rids: list[str], arrival: float, record_metrics: bool = True) -> Inflight:
+    def new_flight(
+        self,
+        rids: list[str],
+        arrival: float,
+        record_metrics: bool = True,
+        *,
+        client_rids: list[str | None] | None = None,
+        rooms: list[int | None] | None = None,
+        group_rid: str | None = None,
+    ) -> Inflight:
         return Inflight(
             self.scheduler,
             rids,
@@ -64,6 +73,9 @@ class FrontState:
             metrics=self.metrics,
             role=self.role,
             record_metrics=record_metrics,
+            client_rids=client_rids,
+            rooms=rooms,
+            group_rid=group_rid,
         )
 
     def not_ready_reason(self) -> str | None:
