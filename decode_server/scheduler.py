@@ -4,7 +4,9 @@ then continuous-batching decode with the engine's runner, sampler and stop handl
 A request moves: `admitting` (waiting for free pages) → `receiving` (transfer in flight) → the engine's
 running batch → done. Pages of a failed transfer go back only when the transfer layer says no write can
 still land in them (`reaper` holds them until then). Every way a request ends (its last output, `fail`)
-also drops its per-request bookkeeping (`logprobs`), so aborted requests leave nothing behind.
+also drops its per-request bookkeeping (`logprobs`), so aborted requests leave nothing behind. A failure
+belongs to its request only: the engine fails a row with non-finite logits or a forward that keeps raising
+(`Engine.step`), and a room handle that raises fails its own request; the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -48,19 +50,28 @@ class DecodeScheduler(SchedulerLoop):
         self.logprobs: dict[str, bool] = {}  # rid -> return_logprob, for every request not yet ended
 
     def on_generate(self, msg: GenerateRequest) -> None:
+        if msg.rid in self.logprobs:
+            # the front makes rids unique, so this is a bug upstream; answering must not touch the live
+            # request's bookkeeping (super().fail would drop its stream offsets)
+            self.reject(msg.rid, f"request id {msg.rid!r} is already in use", 400, len(msg.input_ids))
+            return
         try:
             req = self.engine.make_request(msg.input_ids, SamplingParams(**msg.sampling), msg.rid)
-        except ValueError as e:
-            # never admitted, so nothing to forget; `msg.rid` may even be a live request's (a duplicate id)
-            super().fail(msg.rid, str(e), 400, len(msg.input_ids))
+        except (ValueError, TypeError) as e:
+            self.reject(msg.rid, str(e), 400, len(msg.input_ids))  # never admitted: nothing to forget
             return
         self.logprobs[req.rid] = msg.return_logprob
-        if msg.bootstrap_room is None:
-            # no prefill named: run it here (health_generate, or a colocated request)
-            self.engine.scheduler.add(req)
-            self.engine.track(req)
-            return
-        self.admitting.append(_Pending(req, msg, since=time.monotonic()))
+        try:
+            if msg.bootstrap_room is None:
+                # no prefill named: run it here (health_generate, or a colocated request)
+                self.engine.scheduler.add(req)
+                self.engine.track(req)
+            else:
+                self.admitting.append(_Pending(req, msg, since=time.monotonic()))
+        except Exception as e:
+            log.exception("decode: cannot queue %s", req.rid)
+            self.engine.fail(req, f"internal error queueing the request: {e}")
+            self.emit_output(req)
 
     def on_abort(self, rid: str) -> None:
         for p in list(self.admitting):
@@ -90,7 +101,10 @@ class DecodeScheduler(SchedulerLoop):
         return worked
 
     def emit_output(self, req: Request) -> None:
-        """Send what `req` produced; its last output ends its bookkeeping."""
+        """Send what `req` produced; its last output ends its bookkeeping (a failed request's is its error)."""
+        if req.error is not None:  # the engine failed it (non-finite logits, a forward that raised)
+            self.fail(req.rid, req.error, 500, len(req.prompt_ids))
+            return
         self.emit(req, self.logprobs.get(req.rid, False))
         if req.finished:
             self.logprobs.pop(req.rid, None)
@@ -110,23 +124,22 @@ class DecodeScheduler(SchedulerLoop):
                 break  # FIFO: wait for pages to come back
             self.admitting.popleft()
             p.req.pages = pages
-            msg = p.msg
-            addr = f"{msg.bootstrap_host}:{msg.bootstrap_port or DEFAULT_BOOTSTRAP_PORT}"
-            prompt_pages = self.engine.pool.pages_for(len(p.req.prompt_ids))
             try:
-                p.receiver = self.transfer.create_receiver(
-                    msg.bootstrap_room, addr, pages[:prompt_pages], len(p.req.prompt_ids)
-                )
-            except DuplicateRoomError as e:
-                alloc.free(pages)
-                self.fail(p.req.rid, str(e), 400, len(p.req.prompt_ids))
-                continue
+                p.receiver = self._create_receiver(p)
             except NoAuxRowFree as e:  # try again once a room ended
-                alloc.free(pages)
-                p.req.pages = []
+                self._unadmit(p)
                 self.admitting.appendleft(p)
                 log.debug("decode: admission deferred: %s", e)
                 break
+            except DuplicateRoomError as e:
+                self._unadmit(p)
+                self.fail(p.req.rid, str(e), 400, len(p.req.prompt_ids))
+                continue
+            except Exception as e:  # e.g. a bootstrap address the transfer layer rejects
+                log.exception("decode: cannot create the receiver of %s", p.req.rid)
+                self._unadmit(p)
+                self.fail(p.req.rid, f"cannot start the KV transfer: {e}", 500, len(p.req.prompt_ids))
+                continue
             now = time.monotonic()
             self.metrics.request_stage.labels(self.role.value, Stage.DECODE_ADMIT.value).observe(now - p.since)
             p.since = now
@@ -134,24 +147,63 @@ class DecodeScheduler(SchedulerLoop):
             worked = True
         return worked
 
+    def _create_receiver(self, p: _Pending) -> KVReceiver:
+        msg = p.msg
+        addr = f"{msg.bootstrap_host}:{msg.bootstrap_port or DEFAULT_BOOTSTRAP_PORT}"
+        prompt_pages = self.engine.pool.pages_for(len(p.req.prompt_ids))
+        assert msg.bootstrap_room is not None
+        return self.transfer.create_receiver(
+            msg.bootstrap_room, addr, p.req.pages[:prompt_pages], len(p.req.prompt_ids)
+        )
+
+    def _unadmit(self, p: _Pending) -> None:
+        """Give back the pages of a request whose room was never created (no write can target them)."""
+        self.engine.pool.allocator.free(p.req.pages)
+        p.req.pages = []
+
     def _poll_transfers(self) -> bool:
         worked = False
         for rid, p in list(self.receiving.items()):
             assert p.receiver is not None
-            state = p.receiver.poll()
+            try:
+                state = p.receiver.poll()
+            except Exception as e:  # a bug in the transfer layer: this request fails, the others go on
+                del self.receiving[rid]
+                self._internal_error(p, p.receiver, e)
+                worked = True
+                continue
             if state == TransferState.SUCCESS:
                 self.metrics.kv_transfer_seconds.labels(self.role.value).observe(time.monotonic() - p.since)
-                row = p.receiver.result()
-                p.receiver.release()
                 del self.receiving[rid]
-                self.engine.admit_prefilled(p.req, row.first_token, row.logprob)
-                self.emit_output(p.req)  # a one-token request ends with the prefill's token
+                self._join(p, p.receiver)
                 worked = True
             elif state == TransferState.FAILED:
                 del self.receiving[rid]
                 self.fail_transfer(p.req, p.receiver, Stage.KV_TRANSFER, "KV transfer failed")
                 worked = True
         return worked
+
+    def _internal_error(self, p: _Pending, receiver: KVReceiver, e: Exception) -> None:
+        log.exception("decode: request %s failed", p.req.rid)
+        error = f"internal error: {type(e).__name__}: {e}"
+        try:
+            receiver.abort(error)
+            self.reaper.hold(p.req, receiver)  # its pages go back once no write can land in them
+        except Exception:  # the room is broken too: its pages stay out of the pool (never reused)
+            log.exception("decode: cannot abort the room of %s; its pages stay quarantined", p.req.rid)
+        self.fail(p.req.rid, error, 500, len(p.req.prompt_ids))
+
+    def _join(self, p: _Pending, receiver: KVReceiver) -> None:
+        """The room succeeded: join the running batch from the prefill's first token."""
+        try:
+            row = receiver.result()
+            self.engine.admit_prefilled(p.req, row.first_token, row.logprob)
+        except Exception as e:  # whatever it was, the request must be answered and its pages come back
+            log.exception("decode: cannot join %s to the running batch", p.req.rid)
+            self.engine.fail(p.req, f"internal error joining the running batch: {e}")  # frees its pages
+        # after SUCCESS no write can land in the pages any more, so the room goes now and the pages are ours
+        receiver.release()
+        self.emit_output(p.req)  # a one-token request ends with the prefill's token
 
     def stats(self) -> SchedulerStats:
         pool = self.engine.pool

@@ -19,7 +19,7 @@ from engine.kvcache import KVLayout, KVPool
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
 from engine.request import FinishReason, Request, RequestStatus
-from engine.sampling import Sampler, SamplingParams, make_generator
+from engine.sampling import NON_FINITE_LOGITS, SampleOutput, Sampler, SamplingParams, make_generator
 from engine.scheduler import Scheduler
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -34,6 +34,7 @@ class GenerationOutput:
     text: str
     logprobs: list[float]
     finish_reason: str
+    error: str | None = None  # why the engine failed the request (finish_reason "abort")
 
 
 def kv_budget_bytes(cfg: EngineConfig, device: torch.device) -> int:
@@ -43,6 +44,10 @@ def kv_budget_bytes(cfg: EngineConfig, device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.85)
     return 2**29
+
+
+def _forward_error(e: Exception) -> str:
+    return f"internal error in the forward: {type(e).__name__}: {e}"
 
 
 class Engine:
@@ -145,6 +150,13 @@ class Engine:
         self._finish(req, FinishReason.ABORT)
         return True
 
+    def fail(self, req: Request, error: str) -> None:
+        """End `req` (in any state, tracked or not) on a failure, freeing its pages; `req.error` says why."""
+        if req.finished:
+            return
+        req.error = error
+        self._finish(req, FinishReason.ABORT)
+
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
@@ -152,20 +164,59 @@ class Engine:
     # -- the loop -----------------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
-        """Run one batch; returns the requests that got a token (finished ones included)."""
+        """Run one batch; returns the requests that got a token or failed (finished ones included).
+
+        A failure ends only the requests it belongs to: a row with non-finite logits fails that request; a
+        forward that raises is retried one request at a time (safe: a step's KV writes depend only on the
+        request, so a rerun writes the same values), and each request that still raises fails with the
+        error. Either way the failed request leaves the running batch and the others get their token.
+        """
         scheduled = self.scheduler.schedule()
         if scheduled is None:
             return []
         reqs = scheduled.requests
+        try:
+            results = [(reqs, self._run(reqs))]
+        except Exception as e:
+            if len(reqs) == 1:
+                log.exception("request %s failed in the forward", reqs[0].rid)
+                self.fail(reqs[0], _forward_error(e))
+                return reqs
+            log.exception("a batch of %d requests failed; running them one by one", len(reqs))
+            results = self._run_one_by_one(reqs)
+        for group, sample in results:
+            self._apply(group, sample)
+        return reqs
+
+    def _run(self, reqs: list[Request]) -> SampleOutput:
         batch = self.runner.build_batch(
             [r.uncached_ids() for r in reqs], [r.num_cached for r in reqs], [r.pages for r in reqs]
         )
         logits = self.runner.forward(batch)
-        sample = self.sampler(logits, [r.params for r in reqs], [r.generator for r in reqs])
-        for req, token, logprob in zip(reqs, sample.token_ids.tolist(), sample.logprobs.tolist(), strict=True):
+        return self.sampler(logits, [r.params for r in reqs], [r.generator for r in reqs])
+
+    def _run_one_by_one(self, reqs: list[Request]) -> list[tuple[list[Request], SampleOutput]]:
+        results = []
+        for req in reqs:
+            try:
+                results.append(([req], self._run([req])))
+            except Exception as e:
+                log.exception("request %s failed in the forward", req.rid)
+                self.fail(req, _forward_error(e))
+        return results
+
+    def _apply(self, reqs: list[Request], sample: SampleOutput) -> None:
+        rows = zip(reqs, sample.token_ids.tolist(), sample.logprobs.tolist(), sample.ok(), strict=True)
+        for req, token, logprob, ok in rows:
+            if not ok:
+                self.fail(req, NON_FINITE_LOGITS)
+                continue
             req.num_cached = req.seq_len
-            self.append_token(req, token, logprob)
-        return reqs
+            try:
+                self.append_token(req, token, logprob)
+            except Exception as e:  # e.g. the detokenizer: this request's, not the batch's
+                log.exception("request %s: cannot record token %d", req.rid, token)
+                self.fail(req, f"internal error recording a token: {e}")
 
     def append_token(self, req: Request, token: int, logprob: float) -> None:
         """Record a sampled token, update the text, and finish the request on a stop condition."""
@@ -205,7 +256,7 @@ class Engine:
         """Run prompts (text or token ids) to completion, batched."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         reqs = [
-            self.add_request(self.tokenizer.encode(p) if isinstance(p, str) else list(p), sp)
+            self.add_request(self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p), sp)
             for p, sp in zip(prompts, params_list, strict=True)
         ]
         while not all(r.finished for r in reqs):
@@ -218,6 +269,7 @@ class Engine:
                 text=r.output_text,
                 logprobs=r.output_logprobs,
                 finish_reason=r.finish_reason.value if r.finish_reason else "abort",
+                error=r.error,
             )
             for r in reqs
         ]

@@ -36,6 +36,8 @@ class Request:
     pages: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose KV is already in `pages`
     finish_reason: FinishReason | None = None
+    # Set when the engine ended the request on a failure (finish_reason ABORT): the message for the client.
+    error: str | None = None
     output_text: str = ""
     generator: torch.Generator | None = field(default=None, repr=False)
 

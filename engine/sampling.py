@@ -12,12 +12,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SampleOutput", "Sampler", "SamplingParams", "make_generator"]
+__all__ = ["GREEDY_BELOW", "NON_FINITE_LOGITS", "SampleOutput", "Sampler", "SamplingParams", "make_generator"]
 
 # torch.Generator.manual_seed accepts exactly this range; checking it in validate() turns a late
 # RuntimeError inside the engine loop into a clear 400-style error at request admission.
 _SEED_MIN = -(2**63)
 _SEED_MAX = 2**64 - 1
+
+# A temperature below this is greedy (vLLM's _SAMPLING_EPS). Below it the sampling distribution is argmax
+# up to ties anyway, and a value such as 1e-300 is 0 in float32: dividing by it gave NaN probabilities,
+# which made multinomial raise (or assert on CUDA) on every step of the request's batch.
+GREEDY_BELOW = 1e-5
+# Temperatures above this sample as if it were this (the distribution is uniform over the kept tokens long
+# before): a larger one is inf in float32, and -inf / inf (a masked logit) is NaN.
+_MAX_TEMPERATURE = 1e30
+# top_p is used as at least this: a tiny top_p (1e-300 is 0 in float32) keeps the top token (and its
+# ties), never an empty set. Any vocabulary under 10**6 tokens has a top probability >= 1e-6.
+_TOP_P_FLOOR = 1e-6
+
+NON_FINITE_LOGITS = "the model produced non-finite logits (NaN or inf) for this request"
 
 
 def _is_int(value: object) -> bool:
@@ -27,6 +40,20 @@ def _is_int(value: object) -> bool:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(name: str, value: object) -> float:
+    """`value` as a finite float, or ValueError naming `name`. Python's json accepts NaN, Infinity and
+    integers of any length (float() of a 400-digit one overflows), so each is a client error here."""
+    if not _is_real(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        f = float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got an integer too large for a float") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be a finite number, got {f}")
+    return f
 
 
 @dataclass
@@ -57,23 +84,18 @@ class SamplingParams:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
-        if not _is_real(self.temperature):
-            raise ValueError(f"temperature must be a number, got {self.temperature!r}")
-        # `not (x >= 0)` also rejects NaN, which would otherwise poison every probability.
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if math.isinf(self.temperature):
-            raise ValueError(f"temperature must be finite, got {self.temperature}")
+        # Any finite temperature >= 0 is accepted: below GREEDY_BELOW it is greedy, above _MAX_TEMPERATURE
+        # it samples as that (see the constants), so no value reaches the sampler as 0, inf or NaN.
+        if _finite("temperature", self.temperature) < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
 
         if not _is_int(self.top_k):
             raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
 
-        if not _is_real(self.top_p):
-            raise ValueError(f"top_p must be a number, got {self.top_p!r}")
-        if not 0 < self.top_p <= 1:  # also rejects NaN
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < _finite("top_p", self.top_p) <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
 
     def _check_seed(self) -> None:
         if self.seed is None:
@@ -105,14 +127,21 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         # top_k == 1 leaves a single candidate, so sampling would be argmax anyway; treating it as
-        # greedy keeps such rows on the cheap path and consumes no random numbers.
-        return self.temperature == 0 or self.top_k == 1
+        # greedy keeps such rows on the cheap path and consumes no random numbers. `not >=` also sends
+        # an unvalidated NaN down the greedy path rather than into the sampler.
+        return not self.temperature >= GREEDY_BELOW or self.top_k == 1
 
 
 @dataclass
 class SampleOutput:
     token_ids: torch.Tensor  # [B] int64, CPU
     logprobs: torch.Tensor  # [B] float32, CPU: log_softmax of the RAW logits at the chosen token
+    # [B] bool, CPU: False where the row's logits were not usable (NaN, +inf, or all -inf); that row's
+    # token and logprob are meaningless and its request must fail (NON_FINITE_LOGITS). None: all usable.
+    finite: torch.Tensor | None = None
+
+    def ok(self) -> list[bool]:
+        return [True] * len(self.token_ids) if self.finite is None else self.finite.tolist()
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -149,6 +178,12 @@ class Sampler:
         # float32 throughout: bf16/fp16 softmax and cumsum lose enough precision to shift the top-p
         # cut-off and to make reported logprobs differ from what other servers report.
         logits = logits.float()
+        # A row whose max is not finite holds a NaN (max propagates it), a +inf, or nothing but -inf: no
+        # distribution to sample from. Zero it so that nothing below can raise or assert on it (CUDA's
+        # multinomial asserts on NaN, which would take down every request of the process); the caller
+        # fails that row's request and the rest of the batch goes on.
+        finite = torch.isfinite(logits.amax(dim=-1))
+        logits = logits.masked_fill(~finite.unsqueeze(1), 0.0)
         # Logprobs are reported for the raw distribution (OpenAI/vLLM convention), not the
         # temperature-scaled / truncated one we actually sample from.
         raw_logprobs = torch.log_softmax(logits, dim=-1)
@@ -170,7 +205,12 @@ class Sampler:
             token_ids.index_copy_(0, rows, sampled_ids)
 
         chosen_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-        return SampleOutput(token_ids=token_ids.to("cpu", torch.int64), logprobs=chosen_logprobs.to("cpu"))
+        # A chosen token always has a finite raw logprob (only a -inf logit has none, and it is never
+        # chosen); checked anyway, since a non-finite logprob cannot even be written as JSON.
+        finite &= torch.isfinite(chosen_logprobs)
+        return SampleOutput(
+            token_ids=token_ids.to("cpu", torch.int64), logprobs=chosen_logprobs.to("cpu"), finite=finite.to("cpu")
+        )
 
     @staticmethod
     def _sample(
@@ -194,8 +234,12 @@ class Sampler:
 
         index = torch.tensor(rows, dtype=torch.long, device=device)
         x = logits.index_select(0, index)
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-        # Subtract the row max before dividing: with a tiny temperature, logits / T can overflow to inf
+        # Rows here have temperature >= GREEDY_BELOW (is_greedy), so T is never 0 in float32; the cap keeps
+        # it finite. min() before float(): a huge Python int would overflow float().
+        temps = torch.tensor(
+            [float(min(p.temperature, _MAX_TEMPERATURE)) for p in params], dtype=torch.float32, device=device
+        )
+        # Subtract the row max before dividing: with a small temperature, logits / T can overflow to inf
         # (softmax -> NaN), whereas (logits - max) / T only underflows towards -inf, which is harmless.
         x = (x - x.max(dim=-1, keepdim=True).values) / temps.unsqueeze(1)
 
@@ -229,8 +273,12 @@ class Sampler:
             # flip a comparison right at the boundary. cumsum of non-negatives is non-decreasing, so the
             # kept positions form a prefix and their count locates the cut-off.
             mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)
-            top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-            n_keep = (mass_before < top_ps.unsqueeze(1)).sum(dim=-1, keepdim=True)
+            top_ps = torch.tensor(
+                [float(max(min(p.top_p, 1.0), _TOP_P_FLOOR)) for p in params], dtype=torch.float32, device=device
+            )
+            # At least the top token, whatever rounding did: n_keep == 0 would gather at index -1 (an
+            # error on CPU, a device assert on CUDA) and leave an empty nucleus.
+            n_keep = (mass_before < top_ps.unsqueeze(1)).sum(dim=-1, keepdim=True).clamp_(min=1)
             threshold = sorted_probs.gather(1, n_keep - 1)
             # Rows with top_p == 1 keep everything: float rounding in cum could otherwise drop the tail.
             threshold = threshold.masked_fill((top_ps >= 1.0).unsqueeze(1), 0.0)

@@ -221,12 +221,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"pdserve generate: error: {e}", file=sys.stderr)
         return 2
+    failed = 0
     for ids, out in zip(prompts, outputs, strict=True):
+        if out.error is not None:  # that prompt failed (e.g. non-finite logits); the others still print
+            failed += 1
+            print(f"pdserve generate: error: {out.error}", file=sys.stderr)
         if args.json:
-            print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_token_ids": ids}))
-        else:
+            print(json.dumps({"text": out.text, "token_ids": out.token_ids, "prompt_token_ids": ids,
+                              **({"error": out.error} if out.error is not None else {})}))  # fmt: skip
+        elif out.error is None:
             print(out.text)
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_server(args: argparse.Namespace) -> int:

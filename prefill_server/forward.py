@@ -30,7 +30,9 @@ def prefill_and_send(
     """Run `reqs` (fresh prompts, pages allocated) and send their KV; `None` senders are local requests.
 
     Returns the sampled first tokens and the layer groups used (one group: the whole-forward path).
-    A sender that failed meanwhile (abort, timeout) is skipped; the caller sees it in its poll().
+    A sender that failed meanwhile (abort, timeout) is skipped; the caller sees it in its poll(). A row
+    whose logits were not finite (`sample.ok()`) gets no aux row, so its room cannot succeed: the caller
+    fails that request and aborts its room.
     """
     runner = engine.runner
     batch = runner.build_batch([r.prompt_ids for r in reqs], [0] * len(reqs), [r.pages for r in reqs])
@@ -53,9 +55,9 @@ def prefill_and_send(
     logits = fwd.logits()
     sample = engine.sampler(logits, [r.params for r in reqs], [r.generator for r in reqs])
     event = record_event(engine.device)
-    tokens, logprobs = sample.token_ids.tolist(), sample.logprobs.tolist()
+    tokens, logprobs, ok = sample.token_ids.tolist(), sample.logprobs.tolist(), sample.ok()
     for i, (req, sender) in enumerate(zip(reqs, senders, strict=True)):
-        if sender is None or sender.poll() == TransferState.FAILED:
+        if sender is None or not ok[i] or sender.poll() == TransferState.FAILED:
             continue
         aux = AuxRow(rooms[i], len(req.prompt_ids), tokens[i], logprobs[i])
         if pipelined:

@@ -5,7 +5,9 @@ A request waits in `bootstrapping` until decode's transfer info arrived (its `KV
 layer group by layer group, each group's KV handed to the transfer worker as soon as its compute is
 recorded (DESIGN §4), or as one whole forward whose KV and aux row go out together when pipelining does
 not pay. Requests then sit in `inflight` until their transfer succeeded or failed; pages of a failed or
-aborted request go back only when no write can still read them (`reaper`).
+aborted request go back only when no write can still read them (`reaper`). A batch whose forward raises
+fails every one of its jobs (500) and aborts their rooms; a row with non-finite logits fails its job alone.
+`jobs` indexes every live job, so each path that ends one (`_forget`) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from contracts.metrics import BatchMode, Role, Stage
 from engine.engine import Engine
 from engine.request import Request
-from engine.sampling import SamplingParams
+from engine.sampling import NON_FINITE_LOGITS, SamplingParams
 from prefill_server.forward import prefill_and_send
 from serving.ipc import GenerateRequest, RequestOutput, SchedulerStats
 from serving.scheduler_loop import SchedulerLoop
@@ -61,6 +63,9 @@ class PrefillScheduler(SchedulerLoop):
         self.bootstrap = BootstrapServer(bootstrap_host, bootstrap_port).start()
         addr = f"127.0.0.1:{self.bootstrap.port}"
         self.transfer = PrefillTransferManager(transfer_cfg, engine.pool, bootstrap_addr=addr)
+        # Every live job by rid, whichever stage holds it (bootstrapping, waiting, a batch, inflight); a job
+        # leaves it exactly when it is answered (`_forget`), so it is empty whenever nothing is in flight.
+        self.jobs: dict[str, _Job] = {}
         self.bootstrapping: dict[str, _Job] = {}
         self.waiting: deque[_Job] = deque()
         self.inflight: dict[str, _Job] = {}
@@ -71,39 +76,84 @@ class PrefillScheduler(SchedulerLoop):
     # -- requests -------------------------------------------------------------------------------------
 
     def on_generate(self, msg: GenerateRequest) -> None:
+        if msg.rid in self.jobs:  # the front makes rids unique: never let a second one touch the first
+            self.reject(msg.rid, f"request id {msg.rid!r} is already in use", 400, len(msg.input_ids))
+            return
         # The prefill produces exactly one token: the decode side generates the rest.
         sampling = dict(msg.sampling, max_new_tokens=1)
         try:
             req = self.engine.make_request(msg.input_ids, SamplingParams(**sampling), msg.rid)
-        except ValueError as e:
-            self.fail(msg.rid, str(e), 400, len(msg.input_ids))
+        except (ValueError, TypeError) as e:
+            self.reject(msg.rid, str(e), 400, len(msg.input_ids))
             return
-        if msg.bootstrap_room is None:
-            self.waiting.append(_Job(req, msg, None))
-            return
+        job = _Job(req, msg, None)
+        if msg.bootstrap_room is not None:
+            try:
+                job.sender = self.transfer.create_sender(msg.bootstrap_room)
+            except DuplicateRoomError as e:
+                self.reject(msg.rid, str(e), 400, len(msg.input_ids))
+                return
         try:
-            sender = self.transfer.create_sender(msg.bootstrap_room)
-        except DuplicateRoomError as e:
-            self.fail(msg.rid, str(e), 400, len(msg.input_ids))
-            return
-        self.bootstrapping[req.rid] = _Job(req, msg, sender)
+            self.jobs[req.rid] = job
+            if job.sender is None:
+                self.waiting.append(job)  # a local request (health_generate): nothing to wait for
+            else:
+                self.bootstrapping[req.rid] = job
+        except Exception as e:  # whatever it was, the room must not outlive the request
+            self._internal_error(job, e)
 
     def on_abort(self, rid: str) -> None:
-        job = self.bootstrapping.pop(rid, None) or self.inflight.pop(rid, None)
-        if job is None:
-            job = next((j for j in self.waiting if j.req.rid == rid), None)
-            if job is None:
-                return
+        job = self.jobs.get(rid)
+        if job is not None:
+            self._drop(job, "aborted", 499, room_reason="aborted by client")
+
+    # -- how a job ends (each path answers it exactly once and takes it out of every table) ---------------
+
+    def _forget(self, job: _Job) -> None:
+        rid = job.req.rid
+        self.jobs.pop(rid, None)
+        self.bootstrapping.pop(rid, None)
+        self.inflight.pop(rid, None)
+        if job in self.waiting:  # O(len(waiting)), on aborts and failures only
             self.waiting.remove(job)
+
+    def _drop(self, job: _Job, error: str, status: int, room_reason: str | None = None) -> None:
+        """End `job` without a result: answer `error`, abort its room, hold its pages until no write can read
+        them (a local job's go back at the next reap)."""
+        self._forget(job)
         if job.sender is not None:
-            job.sender.abort("aborted by client")
+            job.sender.abort(room_reason or error)  # a no-op on a room that already failed
         self.reaper.hold(job.req, job.sender)
-        self.fail(rid, "aborted", 499, len(job.req.prompt_ids))
+        self.fail(job.req.rid, error, status, len(job.req.prompt_ids))
+
+    def _transfer_failed(self, job: _Job, stage: Stage, what: str) -> None:
+        assert job.sender is not None
+        self._forget(job)
+        self.fail_transfer(job.req, job.sender, stage, what)
+
+    def _succeeded(self, job: _Job) -> None:
+        self._forget(job)
+        self._answer(job)
+        if job.sender is not None:
+            job.sender.release()  # after SUCCESS no write reads the pages any more
+        self.engine.pool.allocator.free(job.req.pages)
+        job.req.pages = []
+
+    def _internal_error(self, job: _Job, e: Exception) -> None:
+        """A bug or an unexpected error while handling `job`: it alone fails, the loop goes on."""
+        log.exception("prefill: request %s failed", job.req.rid)
+        try:
+            self._drop(job, f"internal error: {type(e).__name__}: {e}", 500)
+        except Exception:  # its room is broken too: answer it at least; its pages stay out (never reused)
+            log.exception("prefill: cannot release request %s; its pages stay quarantined", job.req.rid)
+            self._forget(job)
+            self.fail(job.req.rid, f"internal error: {type(e).__name__}: {e}", 500, len(job.req.prompt_ids))
 
     # -- the loop -------------------------------------------------------------------------------------
 
     def _step(self) -> bool:
         worked = self._poll_bootstrap()
+        self._poll_waiting()
         batch = self._next_batch()
         if batch:
             self._forward(batch)
@@ -114,21 +164,38 @@ class PrefillScheduler(SchedulerLoop):
 
     def _poll_bootstrap(self) -> bool:
         worked = False
-        for rid, job in list(self.bootstrapping.items()):
-            assert job.sender is not None
-            state = job.sender.poll()
-            if job.sender.ready and state != TransferState.FAILED:
-                del self.bootstrapping[rid]
-                now = time.monotonic()
-                self.metrics.request_stage.labels(self.role.value, Stage.BOOTSTRAP.value).observe(now - job.since)
-                job.since = now
-                self.waiting.append(job)
-                worked = True
-            elif state == TransferState.FAILED:
-                del self.bootstrapping[rid]
-                self.fail_transfer(job.req, job.sender, Stage.BOOTSTRAP, "bootstrap failed")
+        for job in list(self.bootstrapping.values()):
+            try:
+                worked |= self._poll_one_bootstrap(job)
+            except Exception as e:
+                self._internal_error(job, e)
                 worked = True
         return worked
+
+    def _poll_one_bootstrap(self, job: _Job) -> bool:
+        assert job.sender is not None
+        state = job.sender.poll()
+        if state == TransferState.FAILED:
+            self._transfer_failed(job, Stage.BOOTSTRAP, "bootstrap failed")
+            return True
+        if not job.sender.ready:
+            return False
+        del self.bootstrapping[job.req.rid]
+        now = time.monotonic()
+        self.metrics.request_stage.labels(self.role.value, Stage.BOOTSTRAP.value).observe(now - job.since)
+        job.since = now
+        self.waiting.append(job)
+        return True
+
+    def _poll_waiting(self) -> None:
+        """Answer at once the jobs whose room failed while they waited for a batch (decode aborted, or the
+        room's deadline passed): they would otherwise wait for pages, run, and only then be failed."""
+        for job in list(self.waiting):
+            try:
+                if job.sender is not None and job.sender.poll() == TransferState.FAILED:
+                    self._transfer_failed(job, Stage.WAIT_FOR_INPUT, "KV transfer failed")
+            except Exception as e:
+                self._internal_error(job, e)
 
     def _next_batch(self) -> list[_Job]:
         cfg = self.engine.cfg
@@ -158,44 +225,64 @@ class PrefillScheduler(SchedulerLoop):
             self.metrics.request_stage.labels(self.role.value, Stage.WAIT_FOR_INPUT.value).observe(t0 - job.since)
             if job.msg.arrival_time:
                 self.metrics.queue_time.labels(self.role.value).observe(max(0.0, time.time() - job.msg.arrival_time))
-        sample, groups = prefill_and_send(self.engine, reqs, senders, rooms, self.pipeline)
+        try:
+            sample, groups = prefill_and_send(self.engine, reqs, senders, rooms, self.pipeline)
+        except Exception as e:
+            # Every job of the batch is answered, and its room aborted: a pipelined batch may already have
+            # queued some layer groups, so the pages wait in the reaper until those writes drained.
+            log.exception("prefill: a batch of %d requests failed in the forward", len(batch))
+            for job in batch:
+                self._drop(job, f"internal error in the prefill forward: {type(e).__name__}: {e}", 500)
+            return
         t1 = time.monotonic()
         mode = BatchMode.PIPELINED if len(groups) > 1 else BatchMode.WHOLE
         self.metrics.prefill_batches.labels(mode.value).inc()
-        for job in batch:
+        rows = zip(batch, sample.token_ids.tolist(), sample.logprobs.tolist(), sample.ok(), strict=True)
+        for job, token, logprob, ok in rows:
             self.metrics.request_stage.labels(self.role.value, Stage.PREFILL_FORWARD.value).observe(t1 - t0)
             job.since = t1
-        for job, token, logprob in zip(batch, sample.token_ids.tolist(), sample.logprobs.tolist(), strict=True):
             job.token, job.logprob = token, logprob
-            if job.sender is None:
-                self._answer(job)
-                self.engine.pool.allocator.free(job.req.pages)
-            elif job.sender.poll() == TransferState.FAILED:  # aborted or timed out while computing
-                # not counted as a transfer failure here (it never was); its pages wait like any other's
-                self.reaper.hold(job.req, job.sender)
-                self.fail(job.req.rid, f"KV transfer failed: {job.sender.error}", 500, len(job.req.prompt_ids))
-            else:
-                self.inflight[job.req.rid] = job
+            try:
+                self._after_forward(job, ok)
+            except Exception as e:
+                self._internal_error(job, e)
+
+    def _after_forward(self, job: _Job, ok: bool) -> None:
+        if not ok:  # this row's logits were NaN/inf: prefill_and_send sent no aux row, so no Success
+            self._drop(job, NON_FINITE_LOGITS, 500)
+        elif job.sender is None:
+            self._succeeded(job)
+        elif job.sender.poll() == TransferState.FAILED:  # aborted or timed out while computing
+            # not counted as a transfer failure here (it never was); its pages wait like any other's
+            self._forget(job)
+            self.reaper.hold(job.req, job.sender)
+            self.fail(job.req.rid, f"KV transfer failed: {job.sender.error}", 500, len(job.req.prompt_ids))
+        else:
+            self.inflight[job.req.rid] = job
 
     def _poll_inflight(self) -> bool:
         worked = False
-        for rid, job in list(self.inflight.items()):
-            assert job.sender is not None
-            state = job.sender.poll()
-            if state == TransferState.SUCCESS:
-                del self.inflight[rid]
-                elapsed = time.monotonic() - job.since
-                self.metrics.request_stage.labels(self.role.value, Stage.KV_TRANSFER.value).observe(elapsed)
-                self.metrics.kv_transfer_seconds.labels(self.role.value).observe(elapsed)
-                self._answer(job)
-                job.sender.release()
-                self.engine.pool.allocator.free(job.req.pages)
-                worked = True
-            elif state == TransferState.FAILED:
-                del self.inflight[rid]
-                self.fail_transfer(job.req, job.sender, Stage.KV_TRANSFER, "KV transfer failed")
+        for job in list(self.inflight.values()):
+            try:
+                worked |= self._poll_one_inflight(job)
+            except Exception as e:
+                self._internal_error(job, e)
                 worked = True
         return worked
+
+    def _poll_one_inflight(self, job: _Job) -> bool:
+        assert job.sender is not None
+        state = job.sender.poll()
+        if state == TransferState.SUCCESS:
+            elapsed = time.monotonic() - job.since
+            self.metrics.request_stage.labels(self.role.value, Stage.KV_TRANSFER.value).observe(elapsed)
+            self.metrics.kv_transfer_seconds.labels(self.role.value).observe(elapsed)
+            self._succeeded(job)
+            return True
+        if state == TransferState.FAILED:
+            self._transfer_failed(job, Stage.KV_TRANSFER, "KV transfer failed")
+            return True
+        return False
 
     def _answer(self, job: _Job) -> None:
         text = self.engine.tokenizer.decode([job.token])

@@ -9,6 +9,7 @@ a failed transfer, holds its pages and frees them, for the prefill and the decod
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 from contracts.metrics import FailureReason, Metrics, Role, Stage, count_failure
@@ -16,6 +17,8 @@ from engine.kvcache import PageAllocator
 from engine.request import FinishReason, Request
 
 __all__ = ["PageReaper", "TransferHandle"]
+
+log = logging.getLogger(__name__)
 
 
 class TransferHandle(Protocol):
@@ -40,6 +43,7 @@ class PageReaper:
         self._metrics = metrics
         self._role = role
         self._held: list[tuple[Request, TransferHandle | None]] = []
+        self.quarantined = 0  # pages never given back: their handle could not say they were safe
 
     def __len__(self) -> int:
         return len(self._held)
@@ -60,12 +64,29 @@ class PageReaper:
         """Free the pages (and release the room) of every held request that became safe."""
         for entry in list(self._held):
             req, handle = entry
-            if handle is not None and not handle.safe_to_free():
+            try:
+                if handle is not None and not handle.safe_to_free():
+                    continue
+            except Exception:
+                # A handle that cannot say (a bug in the transfer layer) would raise on every reap and stop
+                # the scheduler's step; its pages stay out of the pool for good rather than risk a late write
+                # into the next request's KV.
+                log.exception(
+                    "%s: cannot tell whether request %s's pages are safe; quarantined", self._role.value, req.rid
+                )
+                self._held.remove(entry)
+                self.quarantined += len(req.pages)
                 continue
             self._held.remove(entry)  # first: a failure below must not free these pages twice
             if handle is not None:
-                handle.release()
+                self._release(req, handle)
             if req.pages:
                 self._allocator.free(req.pages)
                 req.pages = []
             req.finish_reason = FinishReason.ABORT
+
+    def _release(self, req: Request, handle: TransferHandle) -> None:
+        try:
+            handle.release()
+        except Exception:  # the pages are safe (it said so): free them even if forgetting the room failed
+            log.exception("%s: releasing the room of request %s failed", self._role.value, req.rid)

@@ -98,7 +98,7 @@ class SchedulerLoop:
         worked = False
         try:
             worked = self.step()
-        except Exception:  # keep serving: fail loudly in the log, the requests involved time out or fail
+        except Exception:  # keep serving; the servers fail the requests a failure belongs to before this
             log.exception("%s scheduler: step failed", self.role.value)
         now = time.monotonic()
         if now - self._last_stats >= _STATS_EVERY_S:
@@ -132,7 +132,13 @@ class SchedulerLoop:
         self._out.send(pack(msg))
 
     def fail(self, rid: str, error: str, status: int, prompt_tokens: int = 0) -> None:
+        """End the live request `rid` with `error`: its last output, and its stream offsets forgotten."""
         self._sent.pop(rid, None)
+        self.reject(rid, error, status, prompt_tokens)
+
+    def reject(self, rid: str, error: str, status: int, prompt_tokens: int = 0) -> None:
+        """Answer `error` to a request this scheduler never took in, touching none of its tables (the rid
+        may even be a live request's, when a duplicate is refused)."""
         self.send(
             RequestOutput(
                 rid, finished=True, finish_reason="abort", error=error, status=status, prompt_tokens=prompt_tokens

@@ -229,12 +229,18 @@ def test_validate_accepts_defaults_and_typical() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"temperature": -1}, r"temperature must be >= 0, got -1"),
-        ({"temperature": float("nan")}, r"temperature"),
-        ({"temperature": float("inf")}, r"temperature must be finite"),
-        ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0"),
-        ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
-        ({"top_p": -0.1}, r"top_p"),
+        ({"temperature": -1}, r"temperature must be >= 0 \(0 is greedy\), got -1"),
+        ({"temperature": float("nan")}, r"temperature must be a finite number, got nan"),
+        ({"temperature": float("inf")}, r"temperature must be a finite number, got inf"),
+        ({"temperature": float("-inf")}, r"temperature must be a finite number, got -inf"),
+        ({"temperature": 10**400}, r"temperature must be a finite number, got an integer too large"),
+        ({"temperature": "0.5"}, r"temperature must be a number"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\] \(1 disables it\), got 0"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\] \(1 disables it\), got 1.5"),
+        ({"top_p": -0.1}, r"top_p must be in"),
+        ({"top_p": float("nan")}, r"top_p must be a finite number, got nan"),
+        ({"top_p": float("inf")}, r"top_p must be a finite number, got inf"),
+        ({"top_p": 10**400}, r"top_p must be a finite number, got an integer too large"),
         ({"max_new_tokens": 0}, r"max_new_tokens must be >= 1, got 0"),
         ({"max_new_tokens": 1.5}, r"max_new_tokens must be an integer"),
         ({"top_k": -2}, r"top_k must be -1 \(disabled\) or >= 1, got -2"),
@@ -256,3 +262,99 @@ def test_validate_rejects(kwargs: dict[str, object], match: str) -> None:
 def test_sampler_rejects_mismatched_lengths() -> None:
     with pytest.raises(ValueError, match="one SamplingParams and one generator per row"):
         Sampler()(_logits(2), [SamplingParams()], [None, None])
+
+
+# ------------------------------------------------------------- poison values and non-finite logits
+# `temperature: 1e-300` and `top_p: 1e-300` are valid JSON but 0 in float32: they used to make the sampler
+# raise (or assert on CUDA) on every step of their batch. They must behave as greedy / keep-the-top-token.
+
+
+def test_poison_values_validate() -> None:
+    for kwargs in (
+        {"temperature": 1e-300},
+        {"top_p": 1e-300},
+        {"temperature": 1e300},
+        {"temperature": 10**400 // 10**390},
+    ):
+        SamplingParams(**kwargs).validate()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-6, 9.99e-6])
+def test_temperature_below_epsilon_is_greedy(temperature: float) -> None:
+    p = SamplingParams(temperature=temperature, seed=3)
+    assert p.is_greedy
+    logits = _logits(4, seed=11)
+    out = Sampler()(logits, [p] * 4, [make_generator(3) for _ in range(4)])
+    assert torch.equal(out.token_ids, logits.argmax(dim=-1))
+    assert out.ok() == [True] * 4
+    assert not SamplingParams(temperature=1e-5).is_greedy  # the epsilon itself samples (vLLM's rule)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-12, 1e-7])
+def test_tiny_top_p_keeps_the_top_token(top_p: float, dtype: torch.dtype) -> None:
+    logits = _logits(6, seed=12).to(dtype)
+    params = [SamplingParams(temperature=1.0, top_p=top_p, seed=i) for i in range(6)]
+    out = Sampler()(logits, params, [make_generator(i) for i in range(6)])
+    assert torch.equal(out.token_ids, logits.float().argmax(dim=-1))
+    assert out.ok() == [True] * 6
+
+
+def test_tiny_top_p_keeps_ties_of_the_top_token() -> None:
+    logits = torch.tensor([[2.0, 5.0, 5.0, 1.0]])
+    draws = _draw_many(logits[0], SamplingParams(temperature=1.0, top_p=1e-300), 400)
+    assert set(draws.tolist()) == {1, 2}
+
+
+@pytest.mark.parametrize("temperature", [1e6, 1e30, 1e38, 1e39, 1e300, 10**400])
+def test_huge_temperature_stays_finite(temperature: float) -> None:
+    # 1e39 and above are inf in float32; a masked (-inf) logit divided by inf would be NaN
+    logits = _logits(1, seed=13)
+    logits[0, :4] = float("-inf")
+    p = SamplingParams(temperature=temperature, top_k=20, top_p=0.9)
+    draws = _draw_many(logits[0], p, 500)
+    assert not set(draws.tolist()) & {0, 1, 2, 3}
+    out = Sampler()(logits, [p], [make_generator(1)])
+    assert out.ok() == [True] and math.isfinite(out.logprobs.item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("poison", ["nan", "one_nan", "inf", "all_-inf"])
+def test_non_finite_row_fails_alone(poison: str, dtype: torch.dtype) -> None:
+    logits = _logits(5, seed=14)
+    bad_row = 2
+    if poison == "nan":
+        logits[bad_row] = float("nan")
+    elif poison == "one_nan":
+        logits[bad_row, 7] = float("nan")
+    elif poison == "inf":
+        logits[bad_row, 3] = float("inf")
+    else:
+        logits[bad_row] = float("-inf")
+    logits[4, :10] = float("-inf")  # a row with masked tokens is fine
+    logits = logits.to(dtype)
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=0.8, seed=1),
+        SamplingParams(temperature=0.9, top_k=5, top_p=0.7, seed=2),  # the bad row samples: must not raise
+        SamplingParams(temperature=1.2, top_p=0.5, seed=3),
+        SamplingParams(),
+    ]
+    out = Sampler()(logits, params, [make_generator(p.seed) for p in params])
+    assert out.ok() == [True, True, False, True, True]
+    good = [0, 1, 3, 4]
+    assert torch.isfinite(out.logprobs[good]).all()
+    ref = logits.float()
+    assert out.token_ids[0] == ref[0].argmax() and out.token_ids[4] == ref[4].argmax()
+    # the good sampled rows drew what they draw without the bad neighbour
+    for row in (1, 3):
+        alone = Sampler()(logits[row : row + 1], [params[row]], [make_generator(params[row].seed)])
+        assert alone.token_ids.item() == out.token_ids[row].item()
+
+
+def test_large_logits_do_not_overflow_logprobs() -> None:
+    logits = torch.tensor([[3e38, -3e38, 0.0, 1e38], [-3e38, -3e38, -3e38, -3e38]])
+    params = [SamplingParams(temperature=2.0, seed=1), SamplingParams(temperature=1e-2, top_p=0.5, seed=2)]
+    out = Sampler()(logits, params, [make_generator(1), make_generator(2)])
+    assert out.ok() == [True, True]
+    assert out.token_ids[0].item() == 0 and torch.isfinite(out.logprobs).all()
