@@ -77,6 +77,7 @@ class FailureReason(str, enum.Enum):
     FAILED = "failed"  # an engine, peer or protocol error
     ABORTED = "aborted"  # either side aborted the room (client gone, peer abort)
     TIMED_OUT = "timed_out"  # a state's deadline passed
+    PEER_RESTARTED = "peer_restarted"  # the other side restarted (a new instance id): its rooms are lost
 
 
 class RequestStatus(str, enum.Enum):

@@ -16,8 +16,9 @@ PEER = Path(__file__).with_name("transfer_peer.py")
 
 
 class PeerProc:
-    def __init__(self, **cfg) -> None:
-        env = dict(os.environ, GLOG_minloglevel="2", NIXL_LOG_LEVEL="WARN")
+    def __init__(self, env: dict[str, str] | None = None, **cfg) -> None:
+        self.cfg, self.env = cfg, env
+        env = dict(os.environ, GLOG_minloglevel="2", NIXL_LOG_LEVEL="WARN", **(env or {}))
         # PDSERVE_PEER_LOG=DIR keeps each peer's stderr (engine logs) for debugging
         log_dir = os.environ.get("PDSERVE_PEER_LOG")
         stderr = open(f"{log_dir}/{cfg['role']}-{os.getpid()}-{id(self)}.log", "w") if log_dir else subprocess.DEVNULL  # noqa: SIM115
@@ -79,6 +80,18 @@ class PeerProc:
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+
+    def stop(self) -> None:
+        """SIGSTOP: the process keeps its sockets (the kernel still accepts connections) but answers nothing."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def cont(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def restarted(self) -> PeerProc:
+        """kill -9, then the same peer again (same config: pin its ports to get the same address)."""
+        self.kill()
+        return PeerProc(env=self.env, **self.cfg)
 
     def close(self) -> None:
         if self.proc.poll() is None:

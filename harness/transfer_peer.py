@@ -3,6 +3,8 @@ benchmarks). It behaves like a server would: pages are reserved per room and fre
 transfer layer says no write can still touch them.
 
     python harness/transfer_peer.py '{"role": "prefill", "backend": "mooncake", ...}'
+
+`bootstrap_port` (prefill) and `zmq_port` pin the peer's ports, so a test can restart it on the same address.
 """
 
 from __future__ import annotations
@@ -60,12 +62,14 @@ class Peer:
         )
         self.pool = KVPool(layout, cfg.get("num_pages", 64))
         timeouts = Timeouts(**cfg.get("timeouts", {}))
-        tcfg = TransferConfig(backend=cfg["backend"], timeouts=timeouts, aux_rows=cfg.get("aux_rows", 16))
+        tcfg = TransferConfig(
+            backend=cfg["backend"], timeouts=timeouts, aux_rows=cfg.get("aux_rows", 16), zmq_port=cfg.get("zmq_port", 0)
+        )
         self.events: dict[str, ManualEvent] = {}
         self.pages: dict[int, list[int]] = {}
         self.handles: dict[int, object] = {}
         if self.role == "prefill":
-            self.bootstrap = BootstrapServer("127.0.0.1", 0).start()
+            self.bootstrap = BootstrapServer("127.0.0.1", cfg.get("bootstrap_port", 0)).start()
             self.addr = f"127.0.0.1:{self.bootstrap.port}"
             self.mgr = PrefillTransferManager(tcfg, self.pool, bootstrap_addr=self.addr)
         else:
@@ -79,7 +83,12 @@ class Peer:
     # -- commands -----------------------------------------------------------------------------------
 
     def cmd_info(self) -> dict:
-        return {"bootstrap_addr": self.addr, "endpoint": self.mgr.endpoint, "pages": self.pool.num_pages}
+        return {
+            "bootstrap_addr": self.addr,
+            "endpoint": self.mgr.endpoint,
+            "pages": self.pool.num_pages,
+            "instance": self.mgr.instance,
+        }
 
     def cmd_alloc(self, room: int, n: int, pages: list[int] | None = None) -> dict:
         alloc = self.pool.allocator

@@ -83,9 +83,10 @@ def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 
 def test_wire_bytes_are_the_documented_map():
-    msg = Status(room=7, state=TransferState.FAILED, sender_rank=1, error="boom", drained=False, reason="timed_out")
+    msg = Status(room=7, state=TransferState.FAILED, sender_rank=1, error="boom", drained=False, reason="timed_out",
+                 session="tcp://d:1#abc")  # fmt: skip
     expected = {"v": PROTOCOL_VERSION, "type": "status", "room": 7, "state": 0, "sender_rank": 1, "error": "boom",
-                "drained": False, "reason": "timed_out"}  # fmt: skip
+                "drained": False, "reason": "timed_out", "session": "tcp://d:1#abc"}  # fmt: skip
     assert encode(msg) == msgpack.packb(expected, use_bin_type=True)
 
 

@@ -19,6 +19,7 @@ from transfer.protocol import (
     Status,
     TransferInfo,
     TransferState,
+    UnknownSession,
     decode,
     encode,
 )
@@ -28,9 +29,10 @@ from transfer.state import RoomState
 def test_messages_round_trip():
     msgs = [
         Registration("s", "tcp://h:1", "nixl", b"\x00meta", [1, 2], [3, 4], 4096, 10, 99, 64, 8, 0, 1),
-        TransferInfo(room=2**63 - 1, session="s", dst_pages=[5, 6, 9], aux_row=3, prompt_len=40),
-        Status(room=7, state=TransferState.SUCCESS, sender_rank=0),
+        TransferInfo(2**63 - 1, "s", "tcp://h:1", "i1", dst_pages=[5, 6, 9], aux_row=3, prompt_len=40),
+        Status(room=7, state=TransferState.SUCCESS, sender_rank=0, session="tcp://h:1#a1"),
         Abort(room=7, endpoint="tcp://h:2", reason="client went away"),
+        UnknownSession(room=7, session="tcp://h:1#a1", sender_rank=0, instance="b2"),
     ]
     for msg in msgs:
         assert decode(encode(msg)) == msg
@@ -52,6 +54,8 @@ def test_messages_round_trip():
                 "type": "transfer_info",
                 "room": 1,
                 "session": "s",
+                "endpoint": "tcp://h:1",
+                "prefill_instance": "i",
                 "dst_pages": [1, "2"],
                 "aux_row": 0,
                 "prompt_len": 3,

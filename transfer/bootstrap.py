@@ -1,8 +1,9 @@
 """The bootstrap server (prefill side, DESIGN §3.2) and decode's client for it.
 
-Each prefill rank registers its control endpoint and KV layout with `PUT /route`; decode asks
+Each prefill rank registers its control endpoint, KV layout and instance id with `PUT /route`; decode asks
 `GET /route` once per prefill for the layout (503 until every rank registered) and
-`GET /route?tp_rank=R` for one rank's endpoint. `GET /health` is decode's heartbeat target.
+`GET /route?tp_rank=R` for one rank's endpoint and instance. `GET /health` is decode's heartbeat target; it
+answers every rank's endpoint and instance, so the heartbeat sees a restarted rank (a new instance id).
 A small stdlib HTTP server in a daemon thread is enough: a handful of calls per prefill/decode pair.
 """
 
@@ -29,10 +30,12 @@ __all__ = [
     "BootstrapError",
     "BootstrapServer",
     "LayoutMismatch",
+    "Probe",
     "RankInfo",
     "check_layout",
     "fetch_route",
     "health",
+    "probe",
     "register_rank",
 ]
 
@@ -63,10 +66,25 @@ class RankInfo:
     num_kv_heads: int
     head_dim: int
     backend: str
+    instance: str = ""  # the rank's transfer manager instance id: changes with every start
 
     @classmethod
-    def of(cls, kv: KVLayout, backend: str, tp_size: int, tp_rank: int, rank_ip: str, rank_port: int) -> RankInfo:
-        return cls(tp_size=tp_size, tp_rank=tp_rank, rank_ip=rank_ip, rank_port=rank_port, backend=backend, **kv.wire())
+    def of(
+        cls, kv: KVLayout, backend: str, tp_size: int, tp_rank: int, rank_ip: str, rank_port: int, instance: str = ""
+    ) -> RankInfo:
+        return cls(
+            tp_size=tp_size,
+            tp_rank=tp_rank,
+            rank_ip=rank_ip,
+            rank_port=rank_port,
+            backend=backend,
+            instance=instance,
+            **kv.wire(),
+        )
+
+    def where(self) -> dict:
+        """What `GET /route?tp_rank=R` and `/health` answer for the rank: its endpoint and instance."""
+        return {"rank_ip": self.rank_ip, "rank_port": self.rank_port, "instance": self.instance}
 
     def layout(self) -> dict:
         """What `GET /route` answers and `check_layout` compares: the TP size and LAYOUT_FIELDS."""
@@ -76,7 +94,8 @@ class RankInfo:
 # What decode must agree on with prefill before any byte moves: every field of a rank that is not about
 # where the rank is (the KV layout, as KVLayout.wire() names it, and the transfer engine). TP sizes are
 # compared apart, with their own message.
-LAYOUT_FIELDS = tuple(f.name for f in fields(RankInfo) if f.name not in ("tp_size", "tp_rank", "rank_ip", "rank_port"))
+_WHERE = ("tp_size", "tp_rank", "rank_ip", "rank_port", "instance")
+LAYOUT_FIELDS = tuple(f.name for f in fields(RankInfo) if f.name not in _WHERE)
 
 
 class BootstrapServer:
@@ -114,7 +133,7 @@ class BootstrapServer:
             def do_GET(self) -> None:
                 url = urlparse(self.path)
                 if url.path == "/health":
-                    return self._reply(200, {"status": "ok"})
+                    return self._reply(200, {"status": "ok", "ranks": server.ranks()})
                 if url.path != "/route":
                     return self._reply(404, {"error": f"no route {url.path}"})
                 query = parse_qs(url.query)
@@ -139,6 +158,11 @@ class BootstrapServer:
             self._ranks[info.tp_rank] = info
         log.info("bootstrap: prefill rank %d/%d at %s:%d", info.tp_rank, info.tp_size, info.rank_ip, info.rank_port)
 
+    def ranks(self) -> dict[str, dict]:
+        """Every registered rank's endpoint and instance, keyed by its rank (a JSON key, so a string)."""
+        with self._lock:
+            return {str(rank): info.where() for rank, info in self._ranks.items()}
+
     def lookup(self, tp_rank: str | None) -> tuple[int, dict]:
         with self._lock:
             ranks = dict(self._ranks)
@@ -155,7 +179,7 @@ class BootstrapServer:
             return 400, {"error": f"tp_rank must be an integer, got {tp_rank!r}"}
         if rank not in ranks:
             return 404, {"error": f"unknown prefill rank {rank}"}
-        return 200, {"rank_ip": ranks[rank].rank_ip, "rank_port": ranks[rank].rank_port}
+        return 200, ranks[rank].where()
 
 
 def register_rank(bootstrap_addr: str, info: RankInfo, timeout: float = 5.0, attempts: int = 5) -> None:
@@ -200,7 +224,38 @@ def check_layout(local: dict, remote: dict, bootstrap_addr: str) -> None:
 
 
 def health(bootstrap_addr: str, timeout: float = 2.0) -> bool:
+    return probe(bootstrap_addr, timeout).ok
+
+
+@dataclass
+class Probe:
+    """One heartbeat: `ok` with the ranks' endpoints and instances, or why not.
+
+    `gone` (nothing listens there, or the host cannot be reached) and `frozen` (a TCP connection was accepted
+    but no answer came: the process exists and is stopped or stuck) matter apart: a frozen prefill may still
+    write into decode's pages once it runs again, a gone one cannot.
+    """
+
+    ok: bool
+    ranks: dict[int, dict]
+    gone: bool = False
+    frozen: bool = False
+    error: str = ""
+
+
+def probe(bootstrap_addr: str, timeout: float = 2.0) -> Probe:
     try:
-        return httpx.get(f"http://{bootstrap_addr}/health", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
-        return False
+        r = httpx.get(f"http://{bootstrap_addr}/health", timeout=timeout)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+        return Probe(False, {}, gone=True, error=f"cannot connect: {e}")
+    except httpx.TimeoutException as e:
+        return Probe(False, {}, frozen=True, error=f"no answer in {timeout}s: {e}")
+    except httpx.HTTPError as e:
+        return Probe(False, {}, error=str(e))
+    if r.status_code != 200:
+        return Probe(False, {}, error=f"answered {r.status_code}")
+    try:
+        ranks = {int(k): v for k, v in r.json().get("ranks", {}).items()}
+    except (ValueError, AttributeError) as e:
+        return Probe(False, {}, error=f"bad /health answer: {e}")
+    return Probe(True, ranks)

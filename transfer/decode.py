@@ -1,58 +1,51 @@
 """Decode side: resolves prefills through their bootstrap servers, registers its KV memory with each
-(once per connection), sends per-room transfer info, and follows each room to Success or Failed.
+(once per prefill instance), sends per-room transfer info, and follows each room to Success or Failed.
 
-A failed room's pages stay reserved until no write can still land in them: prefill said it drained
-(a terminal status or its own abort), it acknowledged our abort, it is known dead, or the abort-ack
-timeout passed. `KVReceiver.safe_to_free()` says when.
+Identity. Decode's session is its endpoint plus its instance id, so a decode restarted on the same port is a
+new session to every prefill. Each prefill rank publishes its instance id in its bootstrap record and /health;
+decode remembers the instance it registered with, and each room the instance its info went to.
+
+Prefill restarts (transfer/decode_watch.py watches): a new instance at the address — seen by the heartbeat, or
+by an `UnknownSession` answer from the new process — means the old process is gone. Its rooms fail at once
+(PEER_RESTARTED) if it had started writing; rooms only waiting for input get a short grace (`Timeouts.http`)
+in which the new instance may answer `UnknownSession` for them (their info reached the new process, not the
+old one); those, and any room answered `UnknownSession`, re-register and send their info again (at most
+MAX_RESENDS times per room). Rooms still bootstrapping simply resolve the new instance.
+
+Pages of a failed room stay reserved until no write can still land in them:
+- safe at once: the info never reached a prefill; the prefill said it drained (a terminal status, its own
+  abort, our abort's ack); the instance that could write is gone (restarted on the same endpoint, or its
+  bootstrap refuses connections / cannot be reached);
+- quarantined, without time limit, while the prefill is frozen (its bootstrap accepts connections but does not
+  answer: SIGSTOP, a hang) or was frozen when the room failed: it may write once it runs again, so only its
+  acknowledgement, its restart or its death frees them (logged once per room);
+- otherwise (a live prefill that never acknowledged) after the abort-ack timeout.
+`KVReceiver.safe_to_free()` applies these rules.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from contracts.codec import Record
 from contracts.metrics import FailureReason
 from engine.kvcache import KVPool
 from transfer.aux import AuxBuffer, AuxRow
-from transfer.bootstrap import BootstrapError, LayoutMismatch, RankInfo, check_layout, fetch_route, health
+from transfer.bootstrap import BootstrapError, LayoutMismatch, RankInfo, check_layout, fetch_route
 from transfer.config import TransferConfig
+from transfer.decode_watch import PrefillWatch, Room, _Prefill
 from transfer.manager import DuplicateRoomError, RoomHandle, TransferManager, now
-from transfer.protocol import Abort, AbortAck, Registration, Status, TransferInfo, TransferState
+from transfer.protocol import Abort, AbortAck, Registration, Status, TransferInfo, TransferState, UnknownSession
 from transfer.state import RoomState
 
 log = logging.getLogger(__name__)
 
+MAX_RESENDS = 2  # UnknownSession answers one room may act on (re-register, send again) before it fails
+
 
 class NoAuxRowFree(RuntimeError):
     """Every aux row is held by a room in flight: the scheduler should retry the request later."""
-
-
-@dataclass
-class _Prefill:
-    """A prefill instance as decode knows it (one per bootstrap address)."""
-
-    addr: str
-    endpoint: str = ""
-    registered: bool = False
-    misses: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass
-class _Room:
-    state: RoomState
-    bootstrap_addr: str
-    dst_pages: list[int]
-    prompt_len: int
-    aux_row: int
-    info_sent: bool = False
-    released_by_prefill: bool = False  # prefill said no write of this room can still land
-    failed_at: float = 0.0
-    result: AuxRow | None = None
-    last_error: str = ""  # why bootstrapping has not succeeded yet
 
 
 class KVReceiver(RoomHandle):
@@ -79,15 +72,15 @@ class KVReceiver(RoomHandle):
         self.manager._release(self.room)
 
 
-class DecodeTransferManager(TransferManager):
+class DecodeTransferManager(PrefillWatch, TransferManager):
     role = "decode"
 
     def __init__(self, cfg: TransferConfig, pool: KVPool, aux: AuxBuffer | None = None) -> None:
         super().__init__(cfg, pool, aux)
-        self.session = self.endpoint
-        self._rooms: dict[int, _Room] = {}
+        self.session = f"{self.endpoint}#{self.instance}"
+        self._rooms: dict[int, Room] = {}
         self._prefills: dict[str, _Prefill] = {}
-        self._dead: set[str] = set()  # prefills declared lost; cleared when one answers again
+        self._frozen: set[str] = set()  # prefill addresses whose bootstrap accepts connections but does not answer
         self._bootstrapper = ThreadPoolExecutor(max_workers=4, thread_name_prefix="decode-bootstrap")
         self._spawn(self._heartbeat_loop, "heartbeat")
         # Derived exactly as a prefill rank derives what it registers, so both sides compare like with like.
@@ -104,7 +97,7 @@ class DecodeTransferManager(TransferManager):
             row = self.aux.allocate()
             if row is None:
                 raise NoAuxRowFree("too many rooms in flight (no free aux row); retry later")
-            self._rooms[room] = _Room(RoomState(room, self.timeouts), bootstrap_addr, list(dst_pages), prompt_len, row)
+            self._rooms[room] = Room(RoomState(room, self.timeouts), bootstrap_addr, list(dst_pages), prompt_len, row)
         self._bootstrapper.submit(self._bootstrap, room)
         return KVReceiver(self, room)
 
@@ -115,12 +108,20 @@ class DecodeTransferManager(TransferManager):
                 return True
             if r.state.state != TransferState.FAILED:
                 return False
-            return (
-                not r.info_sent
-                or r.released_by_prefill
-                or r.bootstrap_addr in self._dead
-                or now() - r.failed_at > self.timeouts.abort_ack
-            )
+            if not r.sent_to or r.released_by_prefill or r.writer_gone:
+                return True
+            if r.await_ack or r.bootstrap_addr in self._frozen:
+                if not r.quarantine_logged:
+                    r.quarantine_logged = True
+                    log.warning(
+                        "decode: room %d: holding its %d pages: prefill %s stopped answering and may still write "
+                        "into them; they are freed once it acknowledges, restarts or is gone",
+                        room,
+                        len(r.dst_pages),
+                        r.bootstrap_addr,
+                    )
+                return False
+            return now() - r.failed_at > self.timeouts.abort_ack
 
     def _release(self, room: int) -> None:
         with self._lock:
@@ -155,9 +156,13 @@ class DecodeTransferManager(TransferManager):
         with self._lock:
             if r.state.terminal:
                 return
-            info = TransferInfo(room, self.session, r.dst_pages, r.aux_row, r.prompt_len)
+            info = TransferInfo(
+                room, self.session, self.endpoint, prefill.instance, r.dst_pages, r.aux_row, r.prompt_len
+            )
             r.info_sent = self.send(prefill.endpoint, info)
             if r.info_sent:
+                r.sent_to, r.sent_endpoint, r.sent_generation = prefill.instance, prefill.endpoint, prefill.generation
+                r.stale_until, r.superseded = 0.0, False
                 r.state.advance(TransferState.WAITING_FOR_INPUT)
             else:
                 error = f"cannot reach prefill control socket {prefill.endpoint}"
@@ -166,42 +171,59 @@ class DecodeTransferManager(TransferManager):
     def _resolve(self, addr: str) -> _Prefill:
         with self._lock:
             p = self._prefills.setdefault(addr, _Prefill(addr))
-        with p.lock:  # one lookup + registration per prefill, however many rooms wait on it
+        with p.lock:  # one lookup + registration per prefill instance, however many rooms wait on it
             if p.registered:
                 return p
             layout = fetch_route(addr, timeout=self.timeouts.http)
             check_layout(self.layout, layout, addr)
             rank = fetch_route(addr, tp_rank=self.cfg.tp_rank, timeout=self.timeouts.http)
-            p.endpoint = f"tcp://{rank['rank_ip']}:{rank['rank_port']}"
-            kv = self.regions[: 2 * self.num_layers]
-            reg = Registration(
-                session=self.session,
-                endpoint=self.endpoint,
-                backend=self.cfg.backend,
-                backend_metadata=self.backend.metadata(),
-                k_bases=[x.base for x in kv[: self.num_layers]],
-                v_bases=[x.base for x in kv[self.num_layers :]],
-                page_bytes=self.pool.page_bytes,
-                num_pages=self.pool.num_pages,
-                aux_base=self.aux.region.base,
-                aux_row_bytes=self.aux.region.item_bytes,
-                aux_rows=self.aux.rows,
-                tp_rank=self.cfg.tp_rank,
-                tp_size=self.cfg.tp_size,
-            )
-            if not self.send(p.endpoint, reg):
-                raise BootstrapError(f"cannot reach prefill control socket {p.endpoint}")
-            p.registered = True
+            instance = rank.get("instance")
+            if not instance or not isinstance(instance, str):
+                raise LayoutMismatch(
+                    f"prefill at {addr} publishes no instance id in its bootstrap record: it runs an older "
+                    "pdserve; run the same version on prefill and decode"
+                )
+            endpoint = f"tcp://{rank['rank_ip']}:{rank['rank_port']}"
+            if not self.send(endpoint, self._registration()):
+                raise BootstrapError(f"cannot reach prefill control socket {endpoint}")
             with self._lock:
-                self._dead.discard(addr)
-            log.info("decode: registered with prefill %s (%s)", addr, p.endpoint)
+                p.endpoint, p.instance = endpoint, instance
+                p.generation += 1
+                p.registered = True
+                p.misses = 0
+                if self._prefills.get(addr) is not p:  # dropped meanwhile (declared lost): it answers again
+                    self._prefills[addr] = p
+            log.info("decode: registered with prefill %s (%s, instance %s)", addr, endpoint, instance)
             return p
+
+    def _registration(self) -> Registration:
+        kv = self.regions[: 2 * self.num_layers]
+        return Registration(
+            session=self.session,
+            endpoint=self.endpoint,
+            backend=self.cfg.backend,
+            backend_metadata=self.backend.metadata(),
+            k_bases=[x.base for x in kv[: self.num_layers]],
+            v_bases=[x.base for x in kv[self.num_layers :]],
+            page_bytes=self.pool.page_bytes,
+            num_pages=self.pool.num_pages,
+            aux_base=self.aux.region.base,
+            aux_row_bytes=self.aux.region.item_bytes,
+            aux_rows=self.aux.rows,
+            tp_rank=self.cfg.tp_rank,
+            tp_size=self.cfg.tp_size,
+        )
 
     # -- control messages -----------------------------------------------------------------------------
 
     def _handle(self, msg: Record) -> None:
-        if isinstance(msg, Status):
+        if getattr(msg, "session", self.session) not in ("", self.session):
+            # meant for an earlier decode on this endpoint (we restarted): not ours
+            log.debug("decode: dropped %s for session %s", type(msg).__name__, msg.session)  # type: ignore[attr-defined]
+        elif isinstance(msg, Status):
             self._on_status(msg)
+        elif isinstance(msg, UnknownSession):
+            self._on_unknown_session(msg)
         elif isinstance(msg, Abort):
             with self._lock:
                 r = self._rooms.get(msg.room)
@@ -235,9 +257,11 @@ class DecodeTransferManager(TransferManager):
                     reason = FailureReason.FAILED
                 self._fail(msg.room, msg.error or "prefill reported failure", reason, tell_prefill=False)
             elif state == TransferState.SUCCESS:
+                r.released_by_prefill = True  # every write of the room completed, even if we gave up on it
+                if r.state.terminal:
+                    return
                 row = self.aux.read(r.aux_row)
                 if row.room != msg.room or row.prompt_len != r.prompt_len:
-                    r.released_by_prefill = True
                     self._fail(
                         msg.room,
                         f"aux row mismatch: expected room {msg.room} / {r.prompt_len} tokens, "
@@ -252,13 +276,39 @@ class DecodeTransferManager(TransferManager):
             else:
                 r.state.advance(state)
 
+    def _on_unknown_session(self, msg: UnknownSession) -> None:
+        """The prefill at the room's address does not know us: re-register and send the room's info again."""
+        with self._lock:
+            r = self._rooms.get(msg.room)
+            if r is None or r.state.terminal or not r.info_sent:
+                return
+            addr = r.bootstrap_addr
+            if r.sent_to and msg.instance != r.sent_to:
+                # another process answers on the endpoint we sent to, so the instance we registered with is gone
+                self._instance_gone(addr, r.sent_to, msg.instance, same_endpoint=True)
+            if r.resends >= MAX_RESENDS:
+                error = (
+                    f"prefill at {addr} (instance {msg.instance}) does not know this decode session even after "
+                    f"{r.resends} re-registrations"
+                )
+                self._fail(msg.room, error, FailureReason.FAILED, tell_prefill=False)
+                return
+            r.resends += 1
+            # nobody holds its info now; it is sent again as a fresh room
+            r.info_sent, r.sent_to, r.stale_until, r.writer_gone, r.superseded = False, "", 0.0, False, False
+            p = self._prefills.get(addr)
+            if p is not None and p.generation == r.sent_generation:
+                p.registered = False  # the registration this room relied on is not known there: register again
+        log.info("decode: room %d: prefill %s (%s) does not know us; registering again", msg.room, addr, msg.instance)
+        self._bootstrapper.submit(self._bootstrap, msg.room)
+
     def _fail(self, room: int, error: str, reason: FailureReason, tell_prefill: bool) -> None:
         with self._lock:
             r = self._rooms.get(room)
             if r is not None and r.state.fail(error, reason):
                 self._failed(room, r, tell_prefill)
 
-    def _failed(self, room: int, r: _Room, tell_prefill: bool) -> None:
+    def _failed(self, room: int, r: Room, tell_prefill: bool) -> None:
         """Bookkeeping after a room failed; lock held."""
         r.failed_at = now()
         timed_out_bootstrapping = (
@@ -266,51 +316,23 @@ class DecodeTransferManager(TransferManager):
         )
         if r.last_error and timed_out_bootstrapping:  # say why bootstrapping never succeeded
             r.state.error += f" (last error: {r.last_error})"
+        if r.bootstrap_addr in self._frozen:
+            r.await_ack = True  # a frozen prefill may write once it runs again: only its word frees the pages
         log.warning("decode: room %d failed: %s", room, r.state.error)
-        if tell_prefill and r.info_sent and r.bootstrap_addr not in self._dead:
-            p = self._prefills.get(r.bootstrap_addr)
-            if p is not None and p.endpoint:
-                self.send(p.endpoint, Abort(room, self.endpoint, r.state.error))
+        if tell_prefill and r.info_sent and not r.writer_gone:
+            self.send(r.sent_endpoint, Abort(room, self.endpoint, r.state.error, session=self.session))
 
-    # -- deadlines and liveness -----------------------------------------------------------------------
+    # -- deadlines ------------------------------------------------------------------------------------
 
     def _tick(self) -> None:
+        t = now()
         with self._lock:
             for room, r in self._rooms.items():
                 if r.state.check_timeout():
                     self._failed(room, r, tell_prefill=True)
-
-    def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.timeouts.heartbeat_interval):
-            with self._lock:
-                watched = {r.bootstrap_addr for r in self._rooms.values() if not r.state.terminal}
-            for addr in watched:
-                if health(addr, timeout=min(self.timeouts.http, self.timeouts.heartbeat_interval)):
-                    with self._lock:
-                        if addr in self._prefills:
-                            self._prefills[addr].misses = 0
-                    continue
-                self._missed(addr)
-
-    def _missed(self, addr: str) -> None:
-        with self._lock:
-            p = self._prefills.get(addr)
-            misses = (p.misses + 1) if p else self.timeouts.heartbeat_failures
-            if p:
-                p.misses = misses
-            if misses < self.timeouts.heartbeat_failures:
-                return
-            log.error("decode: lost prefill %s after %d missed heartbeats", addr, misses)
-            self._dead.add(addr)
-            self._prefills.pop(addr, None)
-            ever_reached = p is not None and p.registered
-            for room, r in self._rooms.items():
-                if r.bootstrap_addr == addr:
-                    why = f"lost connection with prefill {addr}" if ever_reached else f"prefill {addr} unreachable"
-                    why += f" ({r.last_error})" if r.last_error else ""
-                    self._fail(room, why, FailureReason.FAILED, tell_prefill=False)
-        if p is not None and p.endpoint:
-            self.forget_endpoint(p.endpoint)
+                elif r.stale_until and t > r.stale_until and not r.state.terminal:
+                    # no new instance answered for it: it reached the old process, which is gone
+                    self._fail(room, r.stale_why, FailureReason.PEER_RESTARTED, tell_prefill=False)
 
     def close(self) -> None:
         self._bootstrapper.shutdown(wait=False, cancel_futures=True)

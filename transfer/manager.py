@@ -3,6 +3,11 @@ sockets, and the threads that receive messages and enforce deadlines.
 
 Threads: `recv` (control socket → `_handle`), `tick` (timeouts → `_tick`), plus whatever a side adds.
 One re-entrant lock guards all room bookkeeping; ZMQ sockets are used from one thread at a time.
+
+Every manager draws a random `instance` id when it starts: a process restarted on the same address is a new
+peer to the other side (prefill publishes it in its bootstrap record, decode puts it in its session id).
+The cache of outgoing sockets is bounded (least recently used closed first), so peers that come and go
+(restarts on new ports) do not accumulate sockets.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from typing import Any
 
 import zmq
@@ -26,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _POLL_MS = 50
 _TICK_S = 0.02
+MAX_PUSH_SOCKETS = 256  # outgoing control sockets kept open; more peers than this reconnect on use
 
 
 class DuplicateRoomError(ValueError):
@@ -68,12 +76,17 @@ class TransferManager:
         self.timeouts = cfg.timeouts
         self.pool = pool
         self.num_layers = pool.layout.num_layers
+        self.instance = uuid.uuid4().hex[:12]
         self.aux = aux or AuxBuffer(cfg.aux_rows, pool.device)
         self.regions = [*kv_regions(pool), self.aux.region]
-        self.backend = create_backend(
-            cfg.backend,
-            BackendSettings(host=cfg.host, protocol=cfg.mooncake_protocol, device_names=cfg.device_names),
+        settings = BackendSettings(
+            host=cfg.host,
+            protocol=cfg.mooncake_protocol,
+            device_names=cfg.device_names,
+            # an engine must give up on a write no later than our own Transferring deadline would
+            write_timeout=cfg.timeouts.transferring,
         )
+        self.backend = create_backend(cfg.backend, settings)
         self.backend.register(self.regions, pool.device)
 
         self._zmq = zmq.Context()
@@ -86,7 +99,7 @@ class TransferManager:
             port = self._pull.bind_to_random_port(f"tcp://{cfg.host}")
         self.zmq_port = port
         self.endpoint = f"tcp://{cfg.host}:{port}"
-        self._push: dict[str, zmq.Socket] = {}
+        self._push: OrderedDict[str, zmq.Socket] = OrderedDict()
         self._send_lock = threading.Lock()
 
         self._lock = threading.RLock()
@@ -156,6 +169,11 @@ class TransferManager:
                 sock.setsockopt(zmq.SNDTIMEO, 1000)
                 sock.connect(endpoint)
                 self._push[endpoint] = sock
+                while len(self._push) > MAX_PUSH_SOCKETS:
+                    _, old = self._push.popitem(last=False)
+                    old.close(linger=0)
+            else:
+                self._push.move_to_end(endpoint)
             try:
                 sock.send(encode(msg))
                 return True

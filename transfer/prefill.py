@@ -7,12 +7,29 @@ pages the compute stream is still writing), tracks the engine's handles, and han
 a write resolves. This module concludes the room when nothing is in flight any more: `Success` once, after
 every KV and aux write completed; otherwise `Failed`/`Abort` to decode, sent only after the room's writes
 drained, so decode can free its pages at once.
+
+Peers (decode ranks) are known by session: decode's endpoint plus its instance id. A Registration from a new
+session at the endpoint of a known one means that decode restarted: the old session's engine peer is removed,
+its socket forgotten, and its rooms failed (PEER_RESTARTED) — their pages come back once their writes drained,
+as for any failed room. The same session registering again with the same memory is a no-op (it re-resolved
+after a pause), so writes in flight to it are not cancelled. At most MAX_PEERS peers are kept (idle ones are
+forgotten first; such a decode gets UnknownSession and registers again), and at most MAX_EARLY early infos.
+
+A TransferInfo from a session we do not know, or addressed to another instance than ours (decode registered with
+our predecessor at this address), is answered with `UnknownSession`, a message of its own: decode re-registers
+and sends the info again.
+
+Pages: a room's source pages are safe to free once no chunk is queued and no write is in flight. A write to a
+peer that stopped answering is bounded by the engine (Mooncake: its timeouts, set to our Transferring timeout)
+or, where the engine has none (NIXL), cancelled by the worker once its room failed and the abort-ack timeout
+passed; decode is then told "not drained", since bytes already sent may still land.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 
 from contracts.codec import Record
 from contracts.metrics import FailureReason
@@ -24,10 +41,13 @@ from transfer.bootstrap import RankInfo, register_rank
 from transfer.config import TransferConfig
 from transfer.manager import DuplicateRoomError, RoomHandle, TransferManager, now
 from transfer.prefill_worker import Chunk, PrefillRoom, TransferWorker
-from transfer.protocol import Abort, AbortAck, Registration, Status, TransferInfo, TransferState
+from transfer.protocol import Abort, AbortAck, Registration, Status, TransferInfo, TransferState, UnknownSession
 from transfer.state import RoomState
 
 log = logging.getLogger(__name__)
+
+MAX_PEERS = 256  # registered decode sessions kept; idle ones beyond this are forgotten (they re-register)
+MAX_EARLY = 4096  # transfer infos held for requests that have not reached this prefill yet
 
 
 @dataclass
@@ -35,6 +55,8 @@ class _Peer:
     """A registered decode rank (keyed by its session)."""
 
     endpoint: str  # its control socket
+    metadata: bytes  # its backend metadata and regions: the same session registering them again is a no-op
+    regions: list[MemoryRegion]
 
 
 class KVSender(RoomHandle):
@@ -81,11 +103,13 @@ class PrefillTransferManager(TransferManager):
         super().__init__(cfg, pool, aux)
         self._rooms: dict[int, PrefillRoom] = {}
         self._early: dict[int, tuple[float, list[TransferInfo]]] = {}  # infos that beat the request here
-        self._peers: dict[str, _Peer] = {}
+        self._peers: OrderedDict[str, _Peer] = OrderedDict()  # least recently used first
         self._worker = TransferWorker(self)
         self._spawn(self._worker.run, "worker")
         if bootstrap_addr:
-            info = RankInfo.of(pool.layout, cfg.backend, cfg.tp_size, cfg.tp_rank, cfg.host, self.zmq_port)
+            info = RankInfo.of(
+                pool.layout, cfg.backend, cfg.tp_size, cfg.tp_rank, cfg.host, self.zmq_port, self.instance
+            )
             register_rank(bootstrap_addr, info, timeout=cfg.timeouts.http)
 
     @property
@@ -173,29 +197,68 @@ class PrefillTransferManager(TransferManager):
         regions = [MemoryRegion(b, msg.page_bytes, msg.num_pages) for b in bases]
         regions.append(MemoryRegion(msg.aux_base, msg.aux_row_bytes, msg.aux_rows))
         with self._lock:
-            if msg.session in self._peers:
+            known = self._peers.get(msg.session)
+            if known is not None and known.metadata == msg.backend_metadata and known.regions == regions:
+                known.endpoint = msg.endpoint
+                self._peers.move_to_end(msg.session)
+                return
+            for session, peer in list(self._peers.items()):
+                if peer.endpoint == msg.endpoint and session != msg.session:
+                    why = (
+                        f"decode at {msg.endpoint} restarted (session {session} -> {msg.session}); "
+                        "its in-flight transfers are lost"
+                    )
+                    self._drop_peer(session, why)
+            if known is not None:
                 self.backend.remove_peer(msg.session)
             self.backend.add_peer(msg.session, msg.backend_metadata, regions)
-            self._peers[msg.session] = _Peer(msg.endpoint)
+            self._peers[msg.session] = _Peer(msg.endpoint, msg.backend_metadata, regions)
+            self._evict_idle_peers()
         log.info("prefill: decode %s registered (%s)", msg.session, msg.backend)
+
+    def _drop_peer(self, session: str, why: str) -> None:
+        """Forget a decode session: its engine peer, its socket, its early infos; fail its rooms. Lock held."""
+        peer = self._peers.pop(session, None)
+        if peer is None:
+            return
+        self.backend.remove_peer(session)  # NIXL cancels its writes; Mooncake's stop at the next batch
+        self.forget_endpoint(peer.endpoint)
+        failed = 0
+        for room, r in self._rooms.items():
+            if session in r.infos and r.state.fail(why, FailureReason.PEER_RESTARTED):
+                r.failed_at = now()
+                failed += 1
+                self._conclude(room, r)
+        for room, (_, infos) in list(self._early.items()):
+            infos[:] = [i for i in infos if i.session != session]
+            if not infos:
+                del self._early[room]
+        log.warning("prefill: %s; failed %d rooms", why, failed)
+
+    def _evict_idle_peers(self) -> None:
+        """Keep at most MAX_PEERS sessions, forgetting the least recently used idle ones. Lock held."""
+        if len(self._peers) <= MAX_PEERS:
+            return
+        busy = {session for r in self._rooms.values() for session in r.infos}
+        for session in list(self._peers):
+            if len(self._peers) <= MAX_PEERS:
+                break
+            if session not in busy:
+                self._drop_peer(session, f"forgot idle decode session {session} ({MAX_PEERS} peers at most)")
 
     def _on_transfer_info(self, info: TransferInfo) -> None:
         with self._lock:
-            peer = self._peers.get(info.session)
-            if peer is None:
-                # decode thinks it registered; we do not know it (e.g. this prefill restarted)
-                self.send(
-                    info.session,
-                    Status(
-                        info.room,
-                        TransferState.FAILED,
-                        self.cfg.tp_rank,
-                        "prefill does not know this decode session; re-register",
-                    ),
-                )
+            if info.session not in self._peers or info.prefill_instance != self.instance:
+                # decode registered with our predecessor at this address, or we forgot it: it registers again
+                self.send(info.endpoint, UnknownSession(info.room, info.session, self.cfg.tp_rank, self.instance))
                 return
+            self._peers.move_to_end(info.session)
             r = self._rooms.get(info.room)
             if r is None:
+                if info.room not in self._early and len(self._early) >= MAX_EARLY:
+                    dropped = next(iter(self._early))
+                    del self._early[dropped]
+                    log.warning("prefill: %d early transfer infos held; dropped room %d's", MAX_EARLY, dropped)
                 self._early.setdefault(info.room, (now(), []))[1].append(info)
                 return
             self._accept_info(r, info)
@@ -211,6 +274,7 @@ class PrefillTransferManager(TransferManager):
                     self.cfg.tp_rank,
                     f"duplicate bootstrap_room {info.room}",
                     reason=FailureReason.FAILED.value,
+                    session=info.session,
                 ),
             )
             return
@@ -281,7 +345,7 @@ class PrefillTransferManager(TransferManager):
                         TransferState.FAILED,
                         self.cfg.tp_rank,
                         r.state.error,
-                        drained=drained,
+                        drained=drained and not r.cancelled,
                         reason=(r.state.reason or FailureReason.FAILED).value,
                     ),
                 )
@@ -292,12 +356,12 @@ class PrefillTransferManager(TransferManager):
             self._free_aux(r)
             self._maybe_delete(room, r)
 
-    def _tell_decode(self, room: int, r: PrefillRoom, msg: Record) -> None:
+    def _tell_decode(self, room: int, r: PrefillRoom, msg: Status | Abort) -> None:
         r.concluded = True
         for info in r.infos.values():
             peer = self._peers.get(info.session)
-            if peer is not None:
-                self.send(peer.endpoint, msg)
+            if peer is not None:  # a session forgotten or restarted is not told (its endpoint may be a new one)
+                self.send(peer.endpoint, replace(msg, session=info.session))
 
     def _maybe_delete(self, room: int, r: PrefillRoom) -> None:
         told = r.concluded or not r.infos

@@ -58,6 +58,7 @@ class PrefillRoom:
     abort_acks_to: list[str] = field(default_factory=list)
     concluded: bool = False  # decode was told the outcome
     failed_at: float = 0.0
+    cancelled: bool = False  # a write was called off mid-flight: bytes it sent may still land at decode
 
 
 class TransferWorker:
@@ -114,10 +115,10 @@ class TransferWorker:
                 self._inflight.append((r, handle, nbytes, self._emulated_arrival(nbytes)))
             if r.state.advance(TransferState.TRANSFERRING):
                 for info in r.infos.values():
-                    m.send(
-                        m._peers[info.session].endpoint,
-                        Status(chunk.room, TransferState.TRANSFERRING, m.cfg.tp_rank),
-                    )
+                    peer = m._peers.get(info.session)
+                    if peer is not None:
+                        status = Status(chunk.room, TransferState.TRANSFERRING, m.cfg.tp_rank, session=info.session)
+                        m.send(peer.endpoint, status)
 
     def _copies(self, chunk: Chunk, r: PrefillRoom, info: TransferInfo) -> list[Copy]:
         m = self.m
@@ -142,6 +143,10 @@ class TransferWorker:
         self._link_free_at = max(time.monotonic(), self._link_free_at) + nbytes * 8 / (gbps * 1e9)
         return self._link_free_at
 
+    def _hung(self, r: PrefillRoom) -> bool:
+        """The room failed and its writes outlived the abort-ack timeout: they may be cancelled."""
+        return r.state.state == TransferState.FAILED and time.monotonic() - r.failed_at > self.m.timeouts.abort_ack
+
     def _poll_inflight(self) -> bool:
         """Resolve finished handles; True when any did."""
         m = self.m
@@ -149,6 +154,10 @@ class TransferWorker:
         touched: list[PrefillRoom] = []
         for r, handle, nbytes, not_before in self._inflight:
             status, error = m.backend.poll(handle)
+            if status == WriteStatus.PENDING and self._hung(r) and m.backend.cancel(handle):
+                # its room failed long ago and the engine does not give up on its own (a stopped peer)
+                status, error = WriteStatus.FAILED, "cancelled: the room failed and the write hung"
+                r.cancelled = True
             if status == WriteStatus.PENDING or (status == WriteStatus.DONE and time.monotonic() < not_before):
                 still.append((r, handle, nbytes, not_before))
                 continue

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from contracts.codec import Codec, CodecError, Record
 
-PROTOCOL_VERSION = 2  # v2: Status carries the failure's typed reason
+PROTOCOL_VERSION = 3  # v2: Status carries the failure's typed reason; v3: instance ids (peer restarts), UnknownSession
 
 # The codec's own error: `except ProtocolError` catches every decoding failure of this channel.
 ProtocolError = CodecError
@@ -36,7 +36,7 @@ class Registration(Record):
     """Decode → prefill, once per connection: where decode's KV memory is and how to reach it."""
 
     TYPE: ClassVar[str] = "register"
-    session: str  # decode's unique session id (its control endpoint)
+    session: str  # decode's session id: its control endpoint plus its instance id (new with every start)
     endpoint: str  # tcp://host:port where decode receives status messages
     backend: str
     backend_metadata: bytes
@@ -58,6 +58,8 @@ class TransferInfo(Record):
     TYPE: ClassVar[str] = "transfer_info"
     room: int
     session: str
+    endpoint: str  # decode's control socket: where an UnknownSession answer goes
+    prefill_instance: str  # the prefill instance decode registered with; another one answers UnknownSession
     dst_pages: list[int]
     aux_row: int
     prompt_len: int
@@ -76,6 +78,7 @@ class Status(Record):
     error: str = ""
     drained: bool = True
     reason: str = ""  # a FailureReason value when state is FAILED, so both sides count the same reason
+    session: str = ""  # the decode session it is for: a decode restarted on the same endpoint drops it
 
 
 @dataclass
@@ -86,6 +89,19 @@ class Abort(Record):
     room: int
     endpoint: str  # where to send the ack
     reason: str = ""
+    session: str = ""  # the decode session of the room (sender's or addressee's)
+
+
+@dataclass
+class UnknownSession(Record):
+    """Prefill → decode, answering a TransferInfo: this prefill instance does not know `session` (it restarted,
+    or it forgot an idle decode). Decode re-registers and sends the room's info again; it is not a failure."""
+
+    TYPE: ClassVar[str] = "unknown_session"
+    room: int
+    session: str
+    sender_rank: int
+    instance: str  # the prefill instance that answered
 
 
 @dataclass
@@ -97,7 +113,7 @@ class AbortAck(Record):
     sender_rank: int
 
 
-CODEC = Codec("transfer", PROTOCOL_VERSION, (Registration, TransferInfo, Status, Abort, AbortAck))
+CODEC = Codec("transfer", PROTOCOL_VERSION, (Registration, TransferInfo, Status, Abort, AbortAck, UnknownSession))
 
 
 def encode(msg: Record) -> bytes:
@@ -120,6 +136,7 @@ __all__ = [
     "Status",
     "TransferInfo",
     "TransferState",
+    "UnknownSession",
     "decode",
     "encode",
 ]

@@ -57,6 +57,9 @@ class BackendSettings:
     protocol: str = "tcp"  # Mooncake: tcp here, rdma on clusters
     device_names: str = ""  # Mooncake RDMA NICs, e.g. "mlx5_0,mlx5_1" ("" = auto)
     agent_name: str = ""  # NIXL agent name ("" = generated, unique per process)
+    # Seconds after which the engine must give up on a write that makes no progress (a stopped peer): the
+    # caller's Transferring deadline. Mooncake takes it through its environment variables; NIXL has none.
+    write_timeout: float = 120.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,6 +94,11 @@ class TransferBackend(ABC):
 
     def release(self, handle: Any) -> None:  # noqa: B027 (optional hook)
         """Free a finished handle's engine resources."""
+
+    def cancel(self, handle: Any) -> bool:
+        """Call off a pending write. True: it is resolved now (FAILED) and no byte of it will be read or sent
+        any more, so its pages may be reused; False: the engine cannot stop it, wait for poll() to settle."""
+        return False
 
     @abstractmethod
     def close(self) -> None: ...

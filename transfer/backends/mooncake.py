@@ -7,29 +7,37 @@ goes (bench/transfer.py). Two things rule out the alternatives: the TCP transpor
 requests than its lane queue holds ("queue-full"; ~2000 page runs of a 4K-token request exceed it), and
 `transfer_check_status` on an async *batch* id reports done before the batch has landed.
 
-The job runs on one thread because the first write to a session opens it with a blocking handshake, and
-the engine holds one lock for every session while it does: a peer that accepts TCP but never answers
-(frozen, not dead) blocks every submission for ~60 s. On that thread such a stall delays other writes but
-never the caller, and `poll()` keeps answering meanwhile.
+Each peer has its own submit thread, and its session is opened (the P2P handshake, `get_first_buffer_address`)
+on that thread as soon as the peer is added, while it has just proven alive by registering. Why: the engine
+opens a session under one lock shared by every session, and a handshake with a peer that accepts TCP but never
+answers (frozen, not dead) holds that lock ~60 s (not configurable in 0.3.13); done at registration, later writes
+never handshake in the data path, and a frozen peer stalls only its own thread's writes.
 
 A handle settles (DONE or FAILED) only once the engine returned, i.e. no byte of it is still moving, so
 after FAILED the caller may free or reuse both sides' pages at once.
 
+Bounded by our deadlines (set from `BackendSettings.write_timeout`, the caller's Transferring timeout, unless
+the operator set them): `MC_TRANSFER_TIMEOUT` (the binding's whole-call limit, at least 5 s, plus 1 s per GiB)
+and `MC_TCP_PROGRESS_TIMEOUT_SEC` / `MC_TCP_STATUS_TIMEOUT_SEC` (the TCP transport's no-progress and
+status-frame limits, default 30 s each). The transport limits are what end a stopped peer's write: after them
+the transport has dropped the request, so nothing reads our pages any more. The whole-call limit alone would
+not do: the binding returns then while the transport may still hold the slices.
+
 How the TCP transport behaves when the target goes away (measured on loopback, 0.3.13, 2 cores):
 - killed (kill -9), before or after earlier writes: the write fails in ~1 ms (EOF/EPIPE, or the handshake
   is refused).
-- frozen (SIGSTOP) after earlier writes: nothing errors until `MC_TCP_PROGRESS_TIMEOUT_SEC` (default 30 s)
-  per round of requests; lower that variable where this matters (the caller's Transferring timeout fails
-  the room meanwhile, but the pages stay reserved until the engine gives up).
-- frozen before any write: the handshake holds the submit thread (and every other write) ~60 s.
-Mooncake cannot cancel a request, so `release()` of a pending handle can only call off a write not yet
-started. `close()` never waits for the submit thread (under 1 ms even mid-handshake), but interpreter exit
-joins that thread, so it can wait out a stalled handshake.
+- frozen (SIGSTOP) after the session was opened: FAILED after `MC_TCP_PROGRESS_TIMEOUT_SEC` (3 s in tests).
+- frozen before the session was opened: the handshake holds its thread ~60 s, whatever the variables say.
+Mooncake cannot cancel a request, so `cancel()`/`release()` of a pending handle can only call off a write not
+yet started. `close()` never waits for a submit thread (under 1 ms even mid-handshake), but interpreter exit
+joins those threads, so it can wait out a stalled handshake.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,6 +61,18 @@ _BATCH = 2048
 _Request = tuple[int, int, int]
 
 
+_TIMEOUT_VARS = ("MC_TCP_PROGRESS_TIMEOUT_SEC", "MC_TCP_STATUS_TIMEOUT_SEC", "MC_TRANSFER_TIMEOUT")
+
+
+def set_engine_timeouts(write_timeout: float) -> dict[str, str]:
+    """Bound the engine's own timeouts by ours, before the engine is built; returns what is in effect.
+    A value the operator set is kept (it is theirs to choose)."""
+    seconds = str(max(1, math.ceil(write_timeout)))
+    for name in _TIMEOUT_VARS:
+        os.environ.setdefault(name, seconds)
+    return {k: os.environ[k] for k in _TIMEOUT_VARS}
+
+
 @dataclass
 class _Peer:
     session_id: str
@@ -61,6 +81,7 @@ class _Peer:
     # paying the (possibly 60 s) handshake again behind a peer that is known to be unreachable.
     submit_failures: int = 0
     removed: bool = False
+    executor: ThreadPoolExecutor | None = None  # its submit thread
 
 
 class MooncakeWrite:
@@ -87,6 +108,7 @@ class MooncakeBackend(TransferBackend):
             from mooncake.engine import TransferEngine
         except (ImportError, OSError) as e:
             raise TransferError(f"cannot import the Mooncake transfer engine ({e}): {_INSTALL_HINT}") from e
+        self.engine_timeouts = set_engine_timeouts(settings.write_timeout)
         engine = TransferEngine()
         rc = engine.initialize(settings.host, "P2PHANDSHAKE", settings.protocol, settings.device_names)
         if rc != 0:
@@ -100,10 +122,9 @@ class MooncakeBackend(TransferBackend):
         self._regions: list[MemoryRegion] = []
         self._registered: list[int] = []
         self._peers: dict[str, _Peer] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mooncake-submit")
         self._lock = threading.Lock()
         self._closed = False
-        log.info("mooncake: engine up, session %s (%s)", self.session_id, settings.protocol)
+        log.info("mooncake: engine up, session %s (%s), %s", self.session_id, settings.protocol, self.engine_timeouts)
 
     # -- registration ---------------------------------------------------------------------------------
 
@@ -139,18 +160,39 @@ class MooncakeBackend(TransferBackend):
         host, _, port = session_id.rpartition(":")
         if not host or not port.isdigit():
             raise TransferError(f"mooncake: peer {peer!r} sent session id {session_id!r}; expected host:port")
-        # Nothing to connect yet: the engine opens the session (handshake) on the first write.
+        engine = self._live_engine()
+        p = _Peer(session_id, list(regions))
+        p.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mooncake-submit")
         with self._lock:
             old = self._peers.get(peer)
-            if old is not None:
-                old.removed = True
-            self._peers[peer] = _Peer(session_id, list(regions))
+            self._peers[peer] = p
+        if old is not None:
+            self._retire(old)
+        # Open the session now, on the peer's own thread (ahead of its first write): see the module docstring.
+        p.executor.submit(self._open_session, engine, p)
+
+    @staticmethod
+    def _open_session(engine: Any, p: _Peer) -> None:
+        if p.removed:
+            return
+        try:
+            if not engine.get_first_buffer_address(p.session_id):
+                log.warning("mooncake: cannot open session %s yet; its first write will try again", p.session_id)
+        except Exception as e:  # the first write reports the failure where it matters
+            log.warning("mooncake: opening session %s raised %r", p.session_id, e)
 
     def remove_peer(self, peer: str) -> None:
         with self._lock:
             p = self._peers.pop(peer, None)
         if p is not None:
-            p.removed = True  # queued submissions to it fail instead of writing into a departed peer
+            self._retire(p)
+
+    @staticmethod
+    def _retire(p: _Peer) -> None:
+        p.removed = True  # queued submissions to it fail instead of writing into a departed peer
+        if p.executor is not None:
+            # A write the engine is running finishes (or times out) on its own; queued ones are called off.
+            p.executor.shutdown(wait=False, cancel_futures=True)
 
     # -- writes ---------------------------------------------------------------------------------------
 
@@ -163,7 +205,11 @@ class MooncakeBackend(TransferBackend):
         if not copies:
             return MooncakeWrite(peer, p.session_id, 0, None)
         requests = self._translate(peer, p, copies)
-        job = self._executor.submit(self._submit_requests, engine, p, p.submit_failures, requests)
+        assert p.executor is not None
+        try:
+            job = p.executor.submit(self._submit_requests, engine, p, p.submit_failures, requests)
+        except RuntimeError as e:  # its thread was shut down: the peer was removed meanwhile
+            raise TransferError(f"mooncake: peer {peer!r} was removed: {e}") from e
         return MooncakeWrite(peer, p.session_id, len(requests), job)
 
     def _translate(self, peer: str, p: _Peer, copies: list[Copy]) -> list[_Request]:
@@ -240,7 +286,7 @@ class MooncakeBackend(TransferBackend):
         try:
             error = handle._job.result()
         except CancelledError:
-            error = "cancelled before submission (backend closed or handle released)"
+            error = "cancelled before submission (backend closed, handle released or peer removed)"
         except Exception as e:  # defensive: _submit_requests catches engine errors itself
             error = f"submission raised {e!r}"
         if error:
@@ -253,9 +299,18 @@ class MooncakeBackend(TransferBackend):
         return handle._result
 
     def release(self, handle: MooncakeWrite) -> None:
+        self.cancel(handle)
+
+    def cancel(self, handle: MooncakeWrite) -> bool:
         # A queued write can still be called off; one the engine started cannot be cancelled.
-        if handle._result is None and handle._job is not None:
-            handle._job.cancel()
+        if handle._result is not None:
+            return True
+        assert handle._job is not None
+        if handle._job.cancel():
+            error = f"mooncake write to {handle.peer}: cancelled before submission (handle released)"
+            handle._result = (WriteStatus.FAILED, error)
+            return True
+        return False
 
     # -- shutdown -------------------------------------------------------------------------------------
 
@@ -271,12 +326,12 @@ class MooncakeBackend(TransferBackend):
                 return
             self._closed = True
             engine, self._engine = self._engine, None
-            for p in self._peers.values():
-                p.removed = True  # a submission still queued or running stops before its next request
+            peers = list(self._peers.values())
             self._peers.clear()
-        # Never wait: the submit thread may sit in a ~60 s handshake with a frozen peer. It holds its own
+        # Never wait: a submit thread may sit in a ~60 s handshake with a frozen peer. It holds its own
         # reference to the engine, so the engine is destroyed when the last user lets go of it.
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for p in peers:
+            self._retire(p)  # a submission still queued or running stops before its next request
         if self._registered:
             rc = engine.batch_unregister_memory(self._registered)
             if rc != 0:

@@ -25,7 +25,10 @@ Dead or stuck target (NIXL 1.5.1 and its bundled UCX; initiator and target on on
   for as long as we watched (300 s). NIXL/UCX do not time it out, so the caller's Transferring deadline must.
   A host that vanishes without closing its sockets likely looks the same until TCP/UCX keepalive gives up
   (not measured). Releasing such a write cancels it at once, and remove_peer/close take < 5 ms, so neither
-  ``release()`` nor ``close()`` hangs on a dead or stuck peer.
+  ``release()`` nor ``close()`` hangs on a dead or stuck peer. NIXL has no timeout to set, so the caller bounds
+  a stuck write itself: ``cancel()`` releases it (the transfer layer does so once the room failed and the write
+  outlived the abort-ack timeout), after which it reads none of our memory; bytes it already handed to the
+  socket may still land at the peer, which is why the caller then tells the peer "not drained".
 NIXL mostly raises rather than returning "ERR"; both become TransferError / FAILED carrying NIXL's error name
 (the detailed reason is only in NIXL's log on stderr).
 """
@@ -334,6 +337,16 @@ class NixlBackend(TransferBackend):
                 w.status = WriteStatus.FAILED
                 w.error = w.error or f"NIXL write to {w.peer!r} failed: check_xfer_state returned ERR"
             return w.status, w.error
+
+    def cancel(self, handle: Any) -> bool:
+        if handle is EMPTY_WRITE:
+            return True
+        w: _Write = handle
+        with self._lock:
+            if w.status is WriteStatus.PENDING:
+                w.status, w.error = WriteStatus.FAILED, f"write to {w.peer!r} cancelled"
+            self._release_write(w)
+        return True
 
     def release(self, handle: Any) -> None:
         if handle is EMPTY_WRITE:
