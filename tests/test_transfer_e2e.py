@@ -207,6 +207,25 @@ def test_abort_from_prefill_reaches_decode(clean_pair):
     release_both(prefill, decode, room)
 
 
+def test_a_room_ended_on_prefill_before_decode_asked_fails_decode_at_once(clean_pair):
+    """The request failed (or was aborted) on prefill before decode's info came: the late info is answered
+    FAILED at once, not left waiting for decode's own deadline."""
+    prefill, decode = clean_pair
+    room = next(_rooms)
+    prefill.call("alloc", room=room, n=1, pages=[12])
+    prefill.call("create", room=room)
+    prefill.call("abort", room=room)
+    prefill.release(room)
+    decode.call("alloc", room=room, n=1, pages=[13])
+    t0 = time.monotonic()
+    decode.call("create", room=room, bootstrap_addr=prefill.info["bootstrap_addr"], prompt_len=2)
+    out = decode.wait_state(room, {"FAILED", "SUCCESS"}, TIMEOUTS["waiting_for_input"] + 3)
+    assert out["state"] == "FAILED" and "ended before decode asked" in out["error"], out
+    assert time.monotonic() - t0 < TIMEOUTS["waiting_for_input"] / 2, "decode waited for its deadline"
+    assert out["safe"]
+    decode.release(room)
+
+
 def test_prefill_bootstrap_timeout(clean_pair):
     prefill, _ = clean_pair
     room = next(_rooms)

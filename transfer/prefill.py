@@ -103,6 +103,9 @@ class PrefillTransferManager(TransferManager):
         super().__init__(cfg, pool, aux)
         self._rooms: dict[int, PrefillRoom] = {}
         self._early: dict[int, tuple[float, list[TransferInfo]]] = {}  # infos that beat the request here
+        # Rooms that ended here before decode's info arrived (the request failed or was aborted first): a late
+        # info is answered FAILED at once instead of waiting in `_early` until decode's own deadline.
+        self._ended: OrderedDict[int, tuple[float, str, str]] = OrderedDict()  # room -> (when, error, reason)
         self._peers: OrderedDict[str, _Peer] = OrderedDict()  # least recently used first
         self._worker = TransferWorker(self)
         self._spawn(self._worker.run, "worker")
@@ -125,6 +128,7 @@ class PrefillTransferManager(TransferManager):
                 raise DuplicateRoomError(f"bootstrap_room {room} is already in flight on this prefill")
             r = PrefillRoom(RoomState(room, self.timeouts))
             self._rooms[room] = r
+            self._ended.pop(room, None)  # the room number is in use again
             for info in self._early.pop(room, (0.0, []))[1]:
                 self._accept_info(r, info)
         return KVSender(self, room)
@@ -254,6 +258,12 @@ class PrefillTransferManager(TransferManager):
                 return
             self._peers.move_to_end(info.session)
             r = self._rooms.get(info.room)
+            if r is None and info.room in self._ended:
+                _, error, reason = self._ended[info.room]
+                status = Status(info.room, TransferState.FAILED, self.cfg.tp_rank, error, reason=reason,
+                                session=info.session)  # fmt: skip
+                self.send(info.endpoint, status)  # nothing of it was written: drained
+                return
             if r is None:
                 if info.room not in self._early and len(self._early) >= MAX_EARLY:
                     dropped = next(iter(self._early))
@@ -304,6 +314,8 @@ class PrefillTransferManager(TransferManager):
             for room, (since, _) in list(self._early.items()):
                 if t - since > self.timeouts.bootstrap:
                     del self._early[room]  # decode's info for a request that never reached us
+            while self._ended and t - next(iter(self._ended.values()))[0] > self.timeouts.bootstrap:
+                self._ended.popitem(last=False)
             for room, r in list(self._rooms.items()):
                 if r.state.check_timeout():
                     r.failed_at = t
@@ -368,6 +380,11 @@ class PrefillTransferManager(TransferManager):
         if r.released and told and r.pending == 0 and r.inflight == 0 and self._rooms.get(room) is r:
             self._free_aux(r)
             del self._rooms[room]
+            if not r.infos and r.state.state == TransferState.FAILED:
+                reason = (r.state.reason or FailureReason.FAILED).value
+                self._ended[room] = (now(), f"the prefill request ended before decode asked: {r.state.error}", reason)
+                if len(self._ended) > MAX_EARLY:
+                    self._ended.popitem(last=False)
 
     def _free_aux(self, r: PrefillRoom) -> None:
         if r.aux_row is not None:
