@@ -150,6 +150,7 @@ class Metrics:
     requests: Counter  # pdserve_requests_total{role,status}
     prefill_batches: Counter  # pdserve_prefill_batches_total{mode}
     router_retries: Counter  # pdserve_router_retries_total
+    router_upstream_healthy: Gauge  # pdserve_router_upstream_healthy{url}
     running_requests: Gauge  # pdserve_running_requests{role}
     queued_requests: Gauge  # pdserve_queued_requests{role}
     kv_pool_usage_ratio: Gauge  # pdserve_kv_pool_usage_ratio{role}
@@ -262,6 +263,14 @@ def _build(multiproc: bool) -> Metrics:
         router_retries=Counter(
             "pdserve_router_retries",
             "Requests the router re-dispatched to a new prefill/decode pair.",
+            registry=reg,
+        ),
+        router_upstream_healthy=Gauge(
+            "pdserve_router_upstream_healthy",
+            "1 while the router sends new requests to this server, 0 while it is marked down (a refused or reset "
+            "connection, or a failed /health probe) until /health answers again.",
+            ["url"],
+            multiprocess_mode="livemax",  # only the (single-process) router sets it
             registry=reg,
         ),
         # One process per server (the front, from the scheduler's stats) sets each gauge, and "live"

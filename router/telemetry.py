@@ -3,7 +3,7 @@ bucket list and label value); the router records them with role="router".
 
 Recorded: TTFT (request arrival → first content-carrying chunk of D's stream; streams only), e2e latency (requests
 answered in full with a 2xx), pdserve_requests_total{status} once per request, retries, and the number of requests
-in flight (pdserve_running_requests).
+in flight (pdserve_running_requests), and each server's health as the router sees it (pdserve_router_upstream_healthy).
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ def observe_ttft(seconds: float) -> None:
 
 def count_retry() -> None:
     get_metrics().router_retries.inc()
+
+
+def upstream_health(url: str, healthy: bool) -> None:
+    get_metrics().router_upstream_healthy.labels(url=url).set(1 if healthy else 0)
 
 
 def render() -> tuple[bytes, str]:

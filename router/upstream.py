@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from router import telemetry
 from router.config import PrefillServer, RouterConfig
 from router.policies import LoadTracker, make_policy, parse_load
 from router.wire import Pool
@@ -137,6 +138,7 @@ class Upstreams:
             ok = False
         prev = self._healthy.get(url)
         self._healthy[url] = ok
+        telemetry.upstream_health(url, ok)
         if prev is not ok:
             # losing a server is news; gaining one (as every server does at start-up) is routine
             log.log(logging.INFO if ok else logging.WARNING, "server %s is %s", url, "healthy" if ok else "unhealthy")
@@ -148,6 +150,7 @@ class Upstreams:
         if self._healthy.get(url, True):
             log.warning("server %s is unhealthy (%s); new requests avoid it until /health answers", url, why)
         self._healthy[url] = False
+        telemetry.upstream_health(url, False)
         if url not in self._recovering and url in self._clients:
             self._recovering[url] = asyncio.ensure_future(self._recover(url))
 

@@ -325,3 +325,16 @@ def test_import_and_initialize_failures_say_what_to_do(monkeypatch: pytest.Monke
     monkeypatch.setitem(sys.modules, "mooncake.engine", None)
     with pytest.raises(TransferError, match="mooncake-transfer-engine-non-cuda"):
         MooncakeBackend(BackendSettings())
+
+
+def test_engine_timeouts_follow_ours_unless_the_operator_set_them(monkeypatch):
+    from transfer.backends.mooncake import _TIMEOUT_VARS, set_engine_timeouts
+
+    for name in (*_TIMEOUT_VARS, "PDSERVE_MC_TIMEOUTS_SET"):
+        monkeypatch.delenv(name, raising=False)
+    assert set(set_engine_timeouts(120).values()) == {"120"}
+    # a later engine (this process, or a child that inherited the environment) sets its own: they were ours
+    assert set(set_engine_timeouts(2.5).values()) == {"3"}
+    monkeypatch.setenv("PDSERVE_MC_TIMEOUTS_SET", "")  # as an operator's environment: every value is theirs
+    monkeypatch.setenv("MC_TRANSFER_TIMEOUT", "77")
+    assert set_engine_timeouts(5)["MC_TRANSFER_TIMEOUT"] == "77"

@@ -119,6 +119,13 @@ def test_a_server_killed_and_restarted_under_load(backend: str, victim: str) -> 
             else:
                 assert r.status in (500, 502, 503, 504), (r.status, r.text)
                 assert "message" in r.text, r.text  # an OpenAI error body, not a bare failure
+        failed = [r for r in results if r.status != 200]
+        back = min((r.started + r.took for r in results if r.status == 200 and r.started > ready), default=None)
+        slowest = max((r.took for r in failed), default=0.0)
+        since_ready = back - ready if back is not None else float("nan")
+        print(f"\n{backend} {victim} restart: {len(results)} requests, {len(failed)} failed "
+              f"{sorted({r.status for r in failed})}, slowest failure {slowest:.1f}s; "
+              f"first success {since_ready:.2f}s after the restarted server was ready")  # fmt: skip
         # back within a few seconds of being ready: whatever started after that succeeded
         late = [r for r in results if r.started > ready + 3.0]
         assert late, "no request started after the restarted server was ready"

@@ -305,8 +305,11 @@ def test_a_reset_server_is_avoided_until_its_health_answers(
         assert _post(url, {"prompt": "x"})[0].status_code == 200
     assert len(p1.requests) == 1 and len(p2.requests) == 5
     assert httpx.get(url + "/readiness").json()["prefill"]["down"] == [p1.url]
+    gauge = f'pdserve_router_upstream_healthy{{url="{p1.url}"}}'
+    assert f"{gauge} 0.0" in httpx.get(url + "/metrics").text
     p1.mode, p1.healthy = "ok", True  # back: the router's probe (no health loop here) returns it to the pool
     assert wait_until(lambda: _post(url, {"prompt": "x"})[0].status_code == 200 and len(p1.requests) > 1, 10)
+    assert f"{gauge} 1.0" in httpx.get(url + "/metrics").text
 
 
 def test_when_every_server_of_a_role_is_down_they_are_still_tried(

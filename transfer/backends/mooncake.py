@@ -64,12 +64,22 @@ _Request = tuple[int, int, int]
 _TIMEOUT_VARS = ("MC_TCP_PROGRESS_TIMEOUT_SEC", "MC_TCP_STATUS_TIMEOUT_SEC", "MC_TRANSFER_TIMEOUT")
 
 
+# Names of the variables pdserve itself set in this environment (so a child process, which inherits them, can tell
+# our values from an operator's and set its own).
+_OURS_VAR = "PDSERVE_MC_TIMEOUTS_SET"
+
+
 def set_engine_timeouts(write_timeout: float) -> dict[str, str]:
     """Bound the engine's own timeouts by ours, before the engine is built; returns what is in effect.
-    A value the operator set is kept (it is theirs to choose)."""
+    A value the operator set is kept (it is theirs to choose); one an earlier pdserve engine set here (in this
+    process, or a parent whose environment we inherited) is replaced."""
     seconds = str(max(1, math.ceil(write_timeout)))
+    ours = set(filter(None, os.environ.get(_OURS_VAR, "").split(",")))
     for name in _TIMEOUT_VARS:
-        os.environ.setdefault(name, seconds)
+        if name not in os.environ or name in ours:
+            os.environ[name] = seconds
+            ours.add(name)
+    os.environ[_OURS_VAR] = ",".join(sorted(ours))
     return {k: os.environ[k] for k in _TIMEOUT_VARS}
 
 
