@@ -12,6 +12,7 @@ import sys
 from contracts.http import DEFAULT_MAX_BODY_BYTES
 from contracts.pd import DEFAULT_BOOTSTRAP_PORT
 from engine.config import EngineConfig
+from pdserve.forwarded import ROLES, FlagError, known_flags, split_forwarded
 from transfer.config import BACKENDS, Timeouts, TransferConfig
 from transfer.planner import PipelineSettings
 
@@ -75,8 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for role, port in (("prefill", 30001), ("decode", 30002)):
         srv = sub.add_parser(role, help=f"run a {role} server (HTTP API + scheduler + KV transfer)")
-        add_engine_args(srv)
-        add_server_args(srv, role, port)
+        add_daemon_args(srv, role, port)
         srv.set_defaults(func=cmd_server, role=role)
 
     rt = sub.add_parser("router", help="run the OpenAI-compatible router in front of prefill and decode servers")
@@ -85,7 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_args(rt)
     rt.set_defaults(func=cmd_router)
 
-    la = sub.add_parser("launch", help="router + prefill + decode on this machine, until Ctrl-C")
+    # Flags launch does not define pass through to the daemons (pdserve/forwarded.py); no abbreviations, so a
+    # daemon's flag is never taken for a launch flag it happens to start like.
+    la = sub.add_parser(
+        "launch",
+        help="router + prefill + decode on this machine, until Ctrl-C (every daemon flag passes through; "
+        "--prefill-X/--decode-X/--router-X for one daemon)",
+        allow_abbrev=False,
+    )
     add_engine_args(la)
     la.add_argument("--transfer-backend", default="mooncake", choices=list(BACKENDS))
     la.add_argument("--host", default="127.0.0.1", help="address the router listens on")
@@ -131,6 +138,17 @@ def add_server_args(p: argparse.ArgumentParser, role: str, port: int) -> None:
     )
     if role == "prefill":
         add_pipeline_args(p)
+
+
+def add_daemon_args(p: argparse.ArgumentParser, role: str, port: int = 0) -> None:
+    """Every flag of `pdserve <role>` (prefill, decode or router)."""
+    if role == "router":
+        from router.config import add_router_args
+
+        add_router_args(p)
+        return
+    add_engine_args(p)
+    add_server_args(p, role, port)
 
 
 def add_body_limit_arg(p: argparse.ArgumentParser) -> None:
@@ -293,7 +311,27 @@ def cmd_router(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     from pdserve.local import launch_local
 
-    return launch_local(args, engine_argv(args))
+    try:
+        forwarded = forwarded_argv(args.forward)
+    except FlagError as e:
+        print(f"pdserve launch: error: {e}", file=sys.stderr)
+        return 2
+    return launch_local(args, engine_argv(args), forwarded)
+
+
+def forwarded_argv(extra: list[str]) -> dict[str, list[str]]:
+    """Launch's pass-through flags per daemon, each list checked by that daemon's own parser now (argparse exits
+    with the daemon named in its usage line), so a bad value fails before anything starts."""
+    parsers = {}
+    for role in ROLES:
+        parsers[role] = argparse.ArgumentParser(
+            prog=f"pdserve launch (flags for pdserve {role})", usage="%(prog)s", allow_abbrev=False
+        )
+        add_daemon_args(parsers[role], role)
+    out = split_forwarded(extra, {role: known_flags(p) for role, p in parsers.items()})
+    for role, argv in out.items():
+        parsers[role].parse_args(argv)
+    return out
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
@@ -309,7 +347,12 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "launch":
+        args.forward = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

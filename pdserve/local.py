@@ -22,26 +22,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def child_commands(args: argparse.Namespace, engine_argv: list[str], prefill_port: int, decode_port: int,
-                   bootstrap_port: int) -> dict[str, list[str]]:  # fmt: skip
-    """The command line of each child: the engine flags to both servers, the body limit to all three."""
+def child_commands(
+    args: argparse.Namespace,
+    engine_argv: list[str],
+    prefill_port: int,
+    decode_port: int,
+    bootstrap_port: int,
+    forwarded: dict[str, list[str]] | None = None,
+) -> dict[str, list[str]]:
+    """The command line of each child: the engine flags to both servers, the body limit to all three, and each
+    daemon's pass-through flags (pdserve/forwarded.py) last."""
+    fwd = forwarded or {}
     base = [sys.executable, "-m", "pdserve", "--log-level", args.log_level]
     limit = ["--max-body-bytes", str(args.max_body_bytes)]
     common = [*engine_argv, "--transfer-backend", args.transfer_backend, *limit]
     return {
-        "prefill": [*base, "prefill", *common, "--port", str(prefill_port), "--bootstrap-port", str(bootstrap_port)],
-        "decode": [*base, "decode", *common, "--port", str(decode_port)],
+        "prefill": [*base, "prefill", *common, "--port", str(prefill_port), "--bootstrap-port", str(bootstrap_port),
+                    *fwd.get("prefill", [])],
+        "decode": [*base, "decode", *common, "--port", str(decode_port), *fwd.get("decode", [])],
         "router": [
             *base, "router", "--host", args.host, "--port", str(args.port),
             "--prefill", f"http://127.0.0.1:{prefill_port}", str(bootstrap_port),
-            "--decode", f"http://127.0.0.1:{decode_port}", *limit,
+            "--decode", f"http://127.0.0.1:{decode_port}", *limit, *fwd.get("router", []),
         ],
     }  # fmt: skip
 
 
-def launch_local(args: argparse.Namespace, engine_argv: list[str]) -> int:
+def launch_local(
+    args: argparse.Namespace, engine_argv: list[str], forwarded: dict[str, list[str]] | None = None
+) -> int:
     prefill_port, decode_port, bootstrap_port = free_port(), free_port(), free_port()
-    commands = child_commands(args, engine_argv, prefill_port, decode_port, bootstrap_port)
+    commands = child_commands(args, engine_argv, prefill_port, decode_port, bootstrap_port, forwarded)
     children: dict[str, subprocess.Popen] = {}
     stop = {"signal": None}
 

@@ -66,3 +66,39 @@ def test_max_body_bytes_flag_env_twin_and_launch(monkeypatch: pytest.MonkeyPatch
     build_parser().parse_args(commands["router"][3:])
     proc = run_cli("decode", "--max-body-bytes", "0")
     assert proc.returncode == 2 and "--max-body-bytes" in proc.stderr
+
+
+def test_launch_passes_every_daemon_flag_to_the_daemon_it_concerns() -> None:
+    from pdserve.cli import build_parser, engine_argv, forwarded_argv
+    from pdserve.local import child_commands
+
+    argv = ["launch", "--decode-request-timeout", "9", "--heartbeat-interval", "0.5", "--pipeline-min-tokens=64",
+            "--router-max-retries", "1", "--policy", "least_load", "--request-timeout", "30"]  # fmt: skip
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    forwarded = forwarded_argv(extra)
+    commands = child_commands(args, engine_argv(args), 1, 2, 3, forwarded)
+    parsed = {name: build_parser().parse_args(cmd[3:]) for name, cmd in commands.items()}
+    p, d, r = parsed["prefill"], parsed["decode"], parsed["router"]
+    assert p.heartbeat_interval == d.heartbeat_interval == 0.5  # a bare server flag: both servers
+    assert p.pipeline_min_tokens == 64  # a prefill-only flag: the prefill
+    assert (r.max_retries, r.policy) == (1, "least_load")  # router flags: the router
+    assert p.request_timeout == r.request_timeout == 30  # a flag all three have: all three
+    assert d.request_timeout == 9  # a prefixed flag wins over the bare one, whatever the order
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [(["--no-such-flag", "1"], "no daemon takes this flag"),
+     (["--decode-pipeline-min-tokens", "1"], "`pdserve decode` has no flag --pipeline-min-tokens"),
+     (["--prefill-port", "5"], "sets --port for each daemon itself"),
+     (["--heartbeat-interval", "soon"], "invalid float value")],
+)  # fmt: skip
+def test_launch_refuses_a_bad_pass_through_flag_before_starting(flags: list[str], words: str) -> None:
+    proc = run_cli("launch", *flags)
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+
+
+def test_other_commands_still_refuse_unknown_flags() -> None:
+    proc = run_cli("generate", "--prompt", "hi", "--heartbeat-interval", "1")
+    assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr

@@ -24,7 +24,7 @@ def test_launch_serves_and_stops_cleanly():
     tmpdir = Path(tempfile.mkdtemp(prefix="launch-tmp-"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "pdserve", "launch", "--model", "builtin:tiny-llama", "--port", str(port),
-         "--kv-cache-gb", "0.05"],
+         "--kv-cache-gb", "0.05", "--heartbeat-interval", "2", "--router-max-retries", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, TMPDIR=str(tmpdir)),
     )  # fmt: skip
     try:
