@@ -243,6 +243,15 @@ def build() -> dict:
             "Fraction of KV cache pages in use.",
         )
     )
+    L.add(
+        timeseries(
+            "Servers in the router's rotation",
+            [q("max by (url) (pdserve_router_upstream_healthy)", "{{url}}")],
+            "short",
+            "1: the router sends new requests to it; 0: marked down after a refused/reset connection or a failed "
+            "/health, until /health answers (alert PdserveUpstreamDown after 2 minutes).",
+        )
+    )
 
     L.row("Prefill → decode KV transfer")
     L.add(timeseries("KV transfer latency p50 / p90 / p99", quantiles("pdserve_kv_transfer_seconds"), "s"), w=6)
