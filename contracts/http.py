@@ -16,6 +16,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "BodyError",
     "check_size",
+    "declared_length",
     "parse_json_object",
 ]
 
@@ -48,6 +49,15 @@ def check_size(size: int, limit: int) -> None:
             f"request body is larger than the server's limit of {limit} bytes "
             "(send less, or raise the limit with --max-body-bytes)",
         )
+
+
+def declared_length(content_length: str | None) -> int | None:
+    """The body size a Content-Length header announces; None when absent (chunked) or not a plain number (the
+    HTTP server refuses such a request itself)."""
+    if content_length is None:
+        return None
+    value = content_length.strip()
+    return int(value) if value.isdigit() else None
 
 
 def parse_json_object(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
-from contracts.http import check_size
+from contracts.http import check_size, declared_length
 
 __all__ = ["DRAIN_FACTOR", "DRAIN_TIMEOUT_S", "RequestBody"]
 
@@ -32,7 +32,8 @@ class RequestBody:
         self._receive, self.limit = receive, limit
         self.size = 0  # bytes received so far
         self.done = False  # the whole body was received
-        self.declared = _declared_length(headers)  # None: chunked (or unparsable, which the HTTP server refuses)
+        # None: chunked (or unparsable, which the HTTP server refuses)
+        self.declared = declared_length(headers.get("content-length"))
         # A client that sent `Expect: 100-continue` sends the body only once the server reads it: never reading
         # it leaves those bytes unsent, so the connection cannot carry another request.
         self._expects_continue = headers.get("expect", "").strip().lower() == "100-continue"
@@ -74,14 +75,3 @@ class RequestBody:
     async def _drain(self, cap: int) -> None:
         while not self.done and self.size <= cap:
             await self._next()
-
-
-def _declared_length(headers: Headers) -> int | None:
-    value = headers.get("content-length")
-    if value is None:
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        return None
-    return n if n >= 0 else None

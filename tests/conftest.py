@@ -64,3 +64,36 @@ def model_factory(tmp_path_factory: pytest.TempPathFactory):
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def make_router():
+    """`make(prefill_urls, decode_urls, **RouterConfig fields) -> url`: a real router app in a uvicorn thread,
+    stopped after the test (tests/test_router.py and tests/test_router_legs.py)."""
+    from router.app import create_app
+    from router.config import RouterConfig
+    from tests.test_router import ServerThread
+
+    started: list[ServerThread] = []
+
+    def make(prefill: list[Any], decode: list[str], **kw: Any) -> str:
+        kw.setdefault("health_check_interval_s", 0)  # the periodic loop off: what is tested is the router's own
+        srv = ServerThread(create_app(RouterConfig(prefill=prefill, decode=decode, **kw)))
+        started.append(srv)
+        return srv.url
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def srv():
+    """A ready HTTP front over the stand-in scheduler (tests/front_standin.py), one per test module; a module that
+    needs other settings defines its own `srv`."""
+    from tests.front_standin import Server
+
+    s = Server()
+    s.make_ready()
+    yield s
+    s.close()

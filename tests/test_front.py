@@ -9,21 +9,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.front_standin import BOOTSTRAP_PORT, CONTEXT, MODEL, Server, sse_events, wait_for
-
-
-@pytest.fixture(scope="module")
-def srv() -> Iterator[Server]:
-    s = Server()
-    s.make_ready()
-    yield s
-    s.close()
 
 
 def test_health_before_and_after_ready_and_stale_stats() -> None:

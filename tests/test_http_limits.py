@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from contracts.http import MAX_JSON_DEPTH, BodyError, check_size, parse_json_object
+from contracts.http import MAX_JSON_DEPTH, BodyError, check_size, declared_length, parse_json_object
 
 
 def _refused(raw: bytes) -> BodyError:
@@ -71,3 +71,8 @@ def test_size_limit() -> None:
     with pytest.raises(BodyError) as info:
         check_size(101, 100)
     assert info.value.status == 413 and "--max-body-bytes" in info.value.message
+
+
+@pytest.mark.parametrize("header, size", [(None, None), ("12", 12), (" 7 ", 7), ("0", 0), ("-1", None), ("x", None)])
+def test_declared_length(header: str | None, size: int | None) -> None:
+    assert declared_length(header) == size

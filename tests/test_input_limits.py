@@ -32,14 +32,6 @@ from tests.front_standin import CONTEXT, Server
 NORMAL = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
 
 
-@pytest.fixture(scope="module")
-def srv() -> Iterator[Server]:
-    s = Server()
-    s.make_ready()
-    yield s
-    s.close()
-
-
 @pytest.fixture
 def conn(srv: Server) -> Iterator[RawConnection]:
     with RawConnection("127.0.0.1", int(srv.url.rsplit(":", 1)[1])) as c:

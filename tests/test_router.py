@@ -19,8 +19,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from contracts.pd import ROOM_MAX
-from router.app import create_app
-from router.config import RouterConfig
 
 # the stand-ins raise on purpose (a decode dying mid-stream); keep uvicorn from printing those tracebacks
 UVICORN_LOG = "critical"
@@ -171,21 +169,6 @@ def sv(standins: dict[str, StandIn]) -> Iterator[dict[str, StandIn]]:
         for ev in (s.hold, s.header_hold):
             if ev is not None:
                 ev.set()
-
-
-@pytest.fixture
-def make_router() -> Iterator[Callable[..., str]]:
-    started: list[ServerThread] = []
-
-    def make(prefill: list[Any], decode: list[str], **kw: Any) -> str:
-        kw.setdefault("health_check_interval_s", 0)
-        srv = ServerThread(create_app(RouterConfig(prefill=prefill, decode=decode, **kw)))
-        started.append(srv)
-        return srv.url
-
-    yield make
-    for srv in started:
-        srv.stop()
 
 
 # ---- routing mechanics ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,8 +28,6 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from router.app import create_app
-from router.config import RouterConfig
 from tests.test_router import ServerThread, wait_until
 
 pytestmark = pytest.mark.timeout(90)
@@ -201,21 +199,6 @@ def sv(stack: tuple[Rooms, Prefill, Prefill, Decode]) -> Iterator[tuple[Prefill,
         if p.hold is not None:
             p.hold.set()
     rooms.aborted.update(rooms.rid_of)  # release any decode request a failed test left waiting
-
-
-@pytest.fixture
-def make_router() -> Iterator[Callable[..., str]]:
-    started: list[ServerThread] = []
-
-    def make(prefill: list[str], decode: list[str], **kw: Any) -> str:
-        kw.setdefault("health_check_interval_s", 0)  # the periodic loop off: what is tested is the router's own
-        srv = ServerThread(create_app(RouterConfig(prefill=prefill, decode=decode, **kw)))
-        started.append(srv)
-        return srv.url
-
-    yield make
-    for srv in started:
-        srv.stop()
 
 
 def _post(url: str, body: dict[str, Any]) -> tuple[httpx.Response, float]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from contracts.http import BodyError, check_size
+from contracts.http import BodyError, check_size, declared_length
 from serving import api
 
 __all__ = ["read_body"]
@@ -19,9 +19,9 @@ __all__ = ["read_body"]
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, or APIError 413 once it is known to pass `limit` bytes (never holding more than that)."""
     try:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.strip().isdigit():  # the HTTP parser rejected any other value
-            check_size(int(declared), limit)
+        declared = declared_length(request.headers.get("content-length"))
+        if declared is not None:
+            check_size(declared, limit)
         buf = bytearray()
         async for chunk in request.stream():
             check_size(len(buf) + len(chunk), limit)
