@@ -3,16 +3,22 @@
 Tokens of all requests are concatenated (ragged, no padding): request i contributes `extend_lens[i]`
 new tokens at positions `prefix_lens[i] ..< prefix_lens[i] + extend_lens[i]`, whose KV goes into the
 slots `out_cache_loc` of its pages. A slot is `page * page_size + offset`.
+
+Everything is computed on the host from Python lists and reaches the device in one non-blocking copy
+(`engine.device.to_device`): building a batch never waits for the GPU, and the host lists stay on the batch
+(`prefix_lens`, `extend_lens`, `page_tables`) for the attention backends' plans.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import torch
 
+from engine.device import to_device
 from engine.kvcache import pages_for
 
 
@@ -32,6 +38,8 @@ class ForwardBatch:
     extend_lens: list[int]
     page_tables: list[list[int]]  # pages of each request, covering at least prefix + extend tokens
     page_size: int
+    # [B] int64: index into the ragged token dimension of each request's last token (where it samples)
+    last_token_indices: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
     # Filled by the attention backend's prepare(); reused by every layer of this forward.
     attn_metadata: Any = field(default=None, repr=False)
 
@@ -40,18 +48,16 @@ class ForwardBatch:
         return len(self.extend_lens)
 
     @property
+    def num_tokens(self) -> int:
+        return sum(self.extend_lens)
+
+    @property
     def seq_lens(self) -> list[int]:
         return [p + e for p, e in zip(self.prefix_lens, self.extend_lens, strict=True)]
 
     @property
     def device(self) -> torch.device:
         return self.input_ids.device
-
-    @property
-    def last_token_indices(self) -> torch.Tensor:
-        """Index into the ragged token dimension of each request's last token (where it samples)."""
-        ends = torch.tensor(self.extend_lens, dtype=torch.int64).cumsum(0) - 1
-        return ends.to(self.device)
 
     @classmethod
     def build(
@@ -76,21 +82,30 @@ class ForwardBatch:
             positions.extend(pos)
             slots.extend(pages[p // page_size] * page_size + p % page_size for p in pos)
         flat = [t for tokens in new_tokens for t in tokens]
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
+        last = [end - 1 for end in accumulate(extend_lens)]
+        n = len(flat)
+        # one host buffer, one copy: ids, positions, slots and last-token indices travel together
+        packed = to_device(flat + positions + slots + last, torch.int64, torch.device(device))
+        input_ids, pos_t, loc, last_t = packed.split([n, n, n, len(last)])
         return cls(
             mode=mode,
-            input_ids=as_tensor(flat),
-            positions=as_tensor(positions),
-            out_cache_loc=as_tensor(slots),
+            input_ids=input_ids,
+            positions=pos_t,
+            out_cache_loc=loc,
             prefix_lens=list(prefix_lens),
             extend_lens=extend_lens,
             page_tables=[list(p) for p in page_tables],
             page_size=page_size,
+            last_token_indices=last_t,
         )
 
-    def kv_slots(self, i: int) -> torch.Tensor:
-        """Slots of request i's whole sequence (prefix + new tokens), in position order."""
+    def kv_slot_list(self, i: int) -> list[int]:
+        """Slots of request i's whole sequence (prefix + new tokens), in position order, on the host."""
         n = self.prefix_lens[i] + self.extend_lens[i]
-        pages = torch.tensor(self.page_tables[i][: pages_for(n, self.page_size)], dtype=torch.int64)
-        offsets = torch.arange(self.page_size, dtype=torch.int64)
-        return (pages[:, None] * self.page_size + offsets).flatten()[:n].to(self.device)
+        ps = self.page_size
+        pages = self.page_tables[i][: pages_for(n, ps)]
+        return [p * ps + o for p in pages for o in range(ps)][:n]
+
+    def kv_slots(self, i: int) -> torch.Tensor:
+        """`kv_slot_list(i)` on the batch's device."""
+        return to_device(self.kv_slot_list(i), torch.int64, self.device)

@@ -202,6 +202,9 @@ class EngineConfig:
     max_batch_size: int = 64
     max_prefill_tokens: int = 8192
     context_length: int | None = None  # None: the model's max_position_embeddings
+    disable_cuda_graph: bool = False  # decode graphs are captured only on CUDA with a capturable backend
+    cuda_graph_max_bs: int = 64  # largest decode batch replayed from a graph (capped by max_batch_size)
+    skip_warmup: bool = False  # skip running each kind of forward once at start-up (tests, quick tools)
 
     def validate(self) -> None:
         if self.page_size < 1:
@@ -210,6 +213,8 @@ class EngineConfig:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
+        if self.cuda_graph_max_bs < 1:
+            raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
         if self.num_pages is not None and self.num_pages < 1:

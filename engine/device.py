@@ -8,6 +8,8 @@ so the event is born complete. Code written against `DeviceEvent` is correct on 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -62,3 +64,50 @@ def record_event(device: torch.device) -> DeviceEvent:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def to_device(values: Sequence | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values as a tensor on `device`, without making the host wait.
+
+    `torch.tensor(xs, device=cuda)` copies from pageable memory and synchronises the stream; here the values
+    are staged in pinned memory and copied non-blocking (the caching host allocator keeps the staging block
+    alive until the copy ran). On CPU it is the host tensor itself.
+    """
+    host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def pinned(values: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host tensor, pinned where `device` is CUDA: for APIs that take host inputs and copy them themselves
+    (FlashInfer's plan), so that their copy is asynchronous too."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory() if device.type == "cuda" else host
+
+
+_reads = threading.local()
+
+
+def read_to_host(t: torch.Tensor) -> list:
+    """The one sanctioned device→host read of a step (it waits for the device): `t` as nested lists.
+
+    Every read the engine makes inside a step goes through here, so that a probe (`engine.sync_probe`) can
+    tell sanctioned reads from stray ones.
+    """
+    _reads.active = True
+    try:
+        return t.tolist()
+    finally:
+        _reads.active = False
+
+
+def in_sanctioned_read() -> bool:
+    return getattr(_reads, "active", False)
+
+
+def bind_thread(device: torch.device) -> None:
+    """Make `device` current for the calling thread: events, streams and copies of `cuda:N` need it in every
+    thread that touches them (a new thread starts on device 0)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)

@@ -7,6 +7,7 @@ builds on its pieces (runner, scheduler, sampler, stop handling).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from engine.request import FinishReason, Request, RequestStatus
 from engine.sampling import NON_FINITE_LOGITS, SampleOutput, Sampler, SamplingParams, make_generator
 from engine.scheduler import Scheduler
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,12 @@ def kv_budget_bytes(cfg: EngineConfig, device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.85)
     return 2**29
+
+
+def _progress_line(msg: str) -> None:
+    # stderr, not logging: start-up on a GPU takes minutes (kernel compilation) and the default log level
+    # would hide why
+    print(f"[pdserve] {msg}", file=sys.stderr, flush=True)
 
 
 def _forward_error(e: Exception) -> str:
@@ -82,6 +90,7 @@ class Engine:
         self.eos_token_ids = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._requests: dict[str, Request] = {}
+        self._prepare_kernels()
         log.info(
             "loaded %s (%s, %d layers) on %s in %.1fs; KV pool %d pages x %d tokens",
             cfg.model,
@@ -92,6 +101,16 @@ class Engine:
             self.pool.num_pages,
             cfg.page_size,
         )
+
+    def _prepare_kernels(self) -> None:
+        """Warm-up, then decode graphs: before the server reports healthy, never on the request path."""
+        progress = _progress_line if self.device.type == "cuda" else log.info
+        cfg = self.cfg
+        if not cfg.skip_warmup:
+            secs = warm_up(self.runner, cfg.max_prefill_tokens, self.context_length, progress)
+            progress(f"warm-up done in {secs:.1f}s")
+        if not cfg.disable_cuda_graph:
+            self.runner.capture_graphs(min(cfg.cuda_graph_max_bs, cfg.max_batch_size), progress)
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -206,7 +225,7 @@ class Engine:
         return results
 
     def _apply(self, reqs: list[Request], sample: SampleOutput) -> None:
-        rows = zip(reqs, sample.token_ids.tolist(), sample.logprobs.tolist(), sample.ok(), strict=True)
+        rows = zip(reqs, sample.tokens, sample.token_logprobs, sample.ok(), strict=True)
         for req, token, logprob, ok in rows:
             if not ok:
                 self.fail(req, NON_FINITE_LOGITS)

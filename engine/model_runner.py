@@ -3,17 +3,24 @@
 `start_forward(batch)` returns a `LayerwiseForward`: run layer ranges in order, then take logits. The
 prefill server's layer-pipelined forward (prefill_server/forward.py) runs it one layer group at a time and
 hands each finished group to the transfer layer; the whole-forward path is the same object run over all
-layers at once, so the two paths cannot drift apart.
+layers at once, so the two paths cannot drift apart. Decode batches replay a captured CUDA graph when
+graphs are on (`engine/cuda_graph.py`); everything else runs eagerly.
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
 
 import torch
 
 from engine.attention import AttentionBackend, create_attention_backend
 from engine.batch import ForwardBatch
+from engine.cuda_graph import CapturedGraph, GraphRunner, capture_sizes
 from engine.kvcache import KVPool
 from engine.models import LlamaFamilyModel
+
+log = logging.getLogger(__name__)
 
 
 class LayerwiseForward:
@@ -25,6 +32,7 @@ class LayerwiseForward:
         runner.attn.prepare(batch)
         with torch.inference_mode():
             self.hidden = runner.model.embed(batch.input_ids)
+            self.rope = runner.model.rope_tables(batch.positions)  # once per forward, not once per layer
         self.next_layer = 0
 
     @property
@@ -38,7 +46,7 @@ class LayerwiseForward:
         if self.runner.attn.batch is not self.batch:
             self.runner.attn.prepare(self.batch)
         with torch.inference_mode():
-            self.hidden = self.runner.model.run_layers(self.hidden, self.batch.positions, start, end, self.runner.attn)
+            self.hidden = self.runner.model.run_layers(self.hidden, self.rope, start, end, self.runner.attn)
         self.next_layer = end
 
     def logits(self, all_tokens: bool = False) -> torch.Tensor:
@@ -59,10 +67,15 @@ class ModelRunner:
         self.attn: AttentionBackend = create_attention_backend(
             attention_backend, pool, self.config.num_heads, self.config.sliding_window
         )
+        self.graphs: GraphRunner | None = None
 
     @property
     def num_layers(self) -> int:
         return self.model.num_layers
+
+    @property
+    def attention_backend_name(self) -> str:
+        return self.attn.name
 
     def build_batch(
         self, new_tokens: list[list[int]], prefix_lens: list[int], page_tables: list[list[int]]
@@ -73,6 +86,38 @@ class ModelRunner:
         return LayerwiseForward(self, batch)
 
     def forward(self, batch: ForwardBatch, all_tokens: bool = False) -> torch.Tensor:
+        if self.graphs is not None and not all_tokens and self.graphs.can_run(batch):
+            return self.graphs.replay(batch)
         fwd = self.start_forward(batch)
         fwd.run_layers(0, self.num_layers)
         return fwd.logits(all_tokens)
+
+    def capture_graphs(
+        self,
+        max_bs: int,
+        progress: Callable[[str], None] = log.info,
+        graph_factory: Callable[[object], CapturedGraph] | None = None,
+    ) -> bool:
+        """Capture decode graphs for batch sizes up to `max_bs`; False (and eager decode) where they cannot
+        be used. `graph_factory` replaces the CUDA graph (tests run the runner's logic on CPU with an eager
+        stand-in). A capture that fails leaves decode eager, with a warning: graphs are an optimisation."""
+        if graph_factory is None:
+            why = self._graphs_unusable()
+            if why:
+                progress(f"CUDA graphs off: {why}")
+                return False
+        runner = GraphRunner(self, capture_sizes(max_bs), graph_factory=graph_factory)
+        try:
+            runner.capture_all(progress)
+        except Exception as e:  # a kernel that cannot be captured must not stop the server
+            log.warning("CUDA graph capture failed, decode runs eagerly: %s: %s", type(e).__name__, e)
+            return False
+        self.graphs = runner
+        return True
+
+    def _graphs_unusable(self) -> str | None:
+        if self.device.type != "cuda":
+            return f"the model runs on {self.device}"
+        if not self.attn.supports_cuda_graph:
+            return f"the {self.attn.name} attention backend cannot be captured"
+        return None

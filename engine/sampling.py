@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.device import read_to_host, to_device
+
 __all__ = ["GREEDY_BELOW", "NON_FINITE_LOGITS", "SampleOutput", "Sampler", "SamplingParams", "make_generator"]
 
 # torch.Generator.manual_seed accepts exactly this range; checking it in validate() turns a late
@@ -134,14 +136,24 @@ class SamplingParams:
 
 @dataclass
 class SampleOutput:
-    token_ids: torch.Tensor  # [B] int64, CPU
-    logprobs: torch.Tensor  # [B] float32, CPU: log_softmax of the RAW logits at the chosen token
-    # [B] bool, CPU: False where the row's logits were not usable (NaN, +inf, or all -inf); that row's
-    # token and logprob are meaningless and its request must fail (NON_FINITE_LOGITS). None: all usable.
-    finite: torch.Tensor | None = None
+    """One step's sampled rows, on the host (read back from the device in one transfer)."""
+
+    tokens: list[int]
+    token_logprobs: list[float]  # log_softmax of the RAW logits at the chosen token
+    # False where the row's logits were not usable (NaN, +inf, or all -inf); that row's token and logprob
+    # are meaningless and its request must fail (NON_FINITE_LOGITS). None: all usable.
+    finite: list[bool] | None = None
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        return torch.tensor(self.tokens, dtype=torch.int64)
+
+    @property
+    def logprobs(self) -> torch.Tensor:
+        return torch.tensor(self.token_logprobs, dtype=torch.float32)
 
     def ok(self) -> list[bool]:
-        return [True] * len(self.token_ids) if self.finite is None else self.finite.tolist()
+        return [True] * len(self.tokens) if self.finite is None else list(self.finite)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -201,16 +213,17 @@ class Sampler:
                 [params[i] for i in sampled_rows],
                 [generators[i] for i in sampled_rows],
             )
-            rows = torch.tensor(sampled_rows, dtype=torch.long, device=logits.device)
+            rows = to_device(sampled_rows, torch.long, logits.device)
             token_ids.index_copy_(0, rows, sampled_ids)
 
         chosen_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
         # A chosen token always has a finite raw logprob (only a -inf logit has none, and it is never
         # chosen); checked anyway, since a non-finite logprob cannot even be written as JSON.
         finite &= torch.isfinite(chosen_logprobs)
-        return SampleOutput(
-            token_ids=token_ids.to("cpu", torch.int64), logprobs=chosen_logprobs.to("cpu"), finite=finite.to("cpu")
-        )
+        # The step's one device->host read: tokens, logprobs and the finite mask travel together (float64
+        # holds every token id exactly). Each separate read would be another wait for the GPU.
+        ids, logprobs, ok = read_to_host(torch.stack([token_ids.double(), chosen_logprobs.double(), finite.double()]))
+        return SampleOutput(tokens=[int(t) for t in ids], token_logprobs=logprobs, finite=[f != 0 for f in ok])
 
     @staticmethod
     def _sample(
@@ -232,13 +245,11 @@ class Sampler:
             if g is not None and g.device.type != device.type:
                 raise ValueError(f"generator is on {g.device}, but logits are on {device}")
 
-        index = torch.tensor(rows, dtype=torch.long, device=device)
+        index = to_device(rows, torch.long, device)
         x = logits.index_select(0, index)
         # Rows here have temperature >= GREEDY_BELOW (is_greedy), so T is never 0 in float32; the cap keeps
         # it finite. min() before float(): a huge Python int would overflow float().
-        temps = torch.tensor(
-            [float(min(p.temperature, _MAX_TEMPERATURE)) for p in params], dtype=torch.float32, device=device
-        )
+        temps = to_device([float(min(p.temperature, _MAX_TEMPERATURE)) for p in params], torch.float32, device)
         # Subtract the row max before dividing: with a small temperature, logits / T can overflow to inf
         # (softmax -> NaN), whereas (logits - max) / T only underflows towards -inf, which is harmless.
         x = (x - x.max(dim=-1, keepdim=True).values) / temps.unsqueeze(1)
@@ -253,9 +264,9 @@ class Sampler:
         if kmax > 0:
             top_vals = torch.topk(x, kmax, dim=-1, sorted=True).values
             # Disabled rows read column 0 (any valid index) and are overridden to -inf just below.
-            k_idx = torch.tensor([max(k - 1, 0) for k in ks], dtype=torch.long, device=device)
+            k_idx = to_device([max(k - 1, 0) for k in ks], torch.long, device)
             kth = top_vals.gather(1, k_idx.unsqueeze(1))
-            disabled = torch.tensor([k == 0 for k in ks], dtype=torch.bool, device=device)
+            disabled = to_device([k == 0 for k in ks], torch.bool, device)
             kth = kth.masked_fill(disabled.unsqueeze(1), float("-inf"))
             x = x.masked_fill(x < kth, float("-inf"))
 
@@ -273,9 +284,7 @@ class Sampler:
             # flip a comparison right at the boundary. cumsum of non-negatives is non-decreasing, so the
             # kept positions form a prefix and their count locates the cut-off.
             mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)
-            top_ps = torch.tensor(
-                [float(max(min(p.top_p, 1.0), _TOP_P_FLOOR)) for p in params], dtype=torch.float32, device=device
-            )
+            top_ps = to_device([float(max(min(p.top_p, 1.0), _TOP_P_FLOOR)) for p in params], torch.float32, device)
             # At least the top token, whatever rounding did: n_keep == 0 would gather at index -1 (an
             # error on CPU, a device assert on CUDA) and leave an empty nucleus.
             n_keep = (mass_before < top_ps.unsqueeze(1)).sum(dim=-1, keepdim=True).clamp_(min=1)

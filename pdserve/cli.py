@@ -35,6 +35,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens)
     p.add_argument("--context-length", type=int, default=None)
+    p.add_argument(
+        "--disable-cuda-graph", action="store_true", help="decode without CUDA graphs (they are captured on CUDA)"
+    )
+    p.add_argument(
+        "--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs, help="largest decode batch run from a graph"
+    )
+    p.add_argument("--skip-warmup", action="store_true", help="start without running each kind of forward once")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -48,6 +55,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_batch_size=args.max_batch_size,
         max_prefill_tokens=args.max_prefill_tokens,
         context_length=args.context_length,
+        disable_cuda_graph=args.disable_cuda_graph,
+        cuda_graph_max_bs=args.cuda_graph_max_bs,
+        skip_warmup=args.skip_warmup,
     )
 
 
@@ -338,7 +348,10 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     """The engine flags of `args` again, to pass on to child processes."""
     out = ["--model", args.model, "--device", args.device, "--attention-backend", args.attention_backend,
            "--page-size", str(args.page_size), "--max-batch-size", str(args.max_batch_size),
-           "--max-prefill-tokens", str(args.max_prefill_tokens)]  # fmt: skip
+           "--max-prefill-tokens", str(args.max_prefill_tokens),
+           "--cuda-graph-max-bs", str(args.cuda_graph_max_bs)]  # fmt: skip
+    out += [flag for flag, on in (("--disable-cuda-graph", args.disable_cuda_graph),
+                                  ("--skip-warmup", args.skip_warmup)) if on]  # fmt: skip
     for flag, value in (("--dtype", args.dtype), ("--kv-cache-gb", args.kv_cache_gb),
                         ("--context-length", args.context_length)):  # fmt: skip
         if value is not None:

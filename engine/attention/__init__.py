@@ -1,32 +1,26 @@
-"""Attention backends: torch SDPA everywhere, FlashInfer on CUDA when installed."""
+"""Attention backends: torch SDPA everywhere, FlashInfer on CUDA where it can run the model (`select.py`)."""
 
 from __future__ import annotations
 
-import torch
+import logging
 
 from engine.attention.base import AttentionBackend
+from engine.attention.select import BackendChoice, choose_backend
 from engine.attention.torch_backend import TorchAttention
 from engine.kvcache import KVPool
 
+log = logging.getLogger(__name__)
+
 
 def create_attention_backend(name: str, pool: KVPool, num_heads: int, sliding_window: int | None) -> AttentionBackend:
-    """`auto` picks FlashInfer on CUDA when it is importable, the torch backend otherwise."""
-    if name not in ("auto", "torch", "flashinfer"):
-        raise ValueError(f"unknown attention backend {name!r}; use auto, torch or flashinfer")
-    if name == "torch" or (name == "auto" and pool.device.type != "cuda"):
+    """The backend `choose_backend` picks for this pool; one log line says which and why."""
+    choice = choose_backend(name, pool.device, pool.layout.dtype, pool.layout.head_dim)
+    log.info("attention backend: %s (%s)", choice.name, choice.reason)
+    if choice.name == "torch":
         return TorchAttention(pool, num_heads, sliding_window)
-    from engine.attention import flashinfer_backend
+    from engine.attention.flashinfer_backend import FlashInferAttention
 
-    if not flashinfer_backend.available():
-        if name == "flashinfer":
-            raise RuntimeError(
-                "attention backend flashinfer requested but flashinfer is not installed "
-                "(pip install 'pdserve[flashinfer]')"
-            )
-        return TorchAttention(pool, num_heads, sliding_window)
-    if pool.device.type != "cuda":
-        raise RuntimeError("the flashinfer attention backend needs a CUDA device")
-    return flashinfer_backend.FlashInferAttention(pool, num_heads, sliding_window)
+    return FlashInferAttention(pool, num_heads, sliding_window)
 
 
-__all__ = ["AttentionBackend", "TorchAttention", "create_attention_backend", "torch"]
+__all__ = ["AttentionBackend", "BackendChoice", "TorchAttention", "choose_backend", "create_attention_backend"]

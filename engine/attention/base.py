@@ -11,6 +11,11 @@ from engine.kvcache import KVPool
 
 
 class AttentionBackend(ABC):
+    name = "base"
+    # Whether decode can be captured in a CUDA graph: the backend's per-batch metadata then lives in fixed
+    # buffers that `prepare_graph` refills before each replay (engine/cuda_graph.py).
+    supports_cuda_graph = False
+
     def __init__(self, pool: KVPool, num_heads: int, sliding_window: int | None) -> None:
         self.pool = pool
         self.num_heads = num_heads
@@ -22,7 +27,13 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def prepare(self, batch: ForwardBatch) -> None:
-        """Build per-batch metadata once; every layer of the forward then reuses it."""
+        """Build per-batch metadata once, from the batch's host lists (no device reads); every layer of the
+        forward then reuses it."""
+
+    def prepare_graph(self, batch: ForwardBatch, graph_batch_size: int) -> None:
+        """Like `prepare`, for a decode batch padded to `graph_batch_size` rows that runs inside that bucket's
+        captured graph: the metadata must go into the buffers the graph was captured with."""
+        raise NotImplementedError(f"the {self.name} attention backend has no CUDA-graph mode")
 
     @abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -1,79 +1,114 @@
-"""FlashInfer paged attention (CUDA only; optional dependency).
+"""FlashInfer paged attention (CUDA only; optional dependency, written against flashinfer-python 0.7.4).
 
-The pool's per-layer [num_pages, page_size, kv_heads, head_dim] buffers are FlashInfer's "NHD" paged layout,
-so the kernels read pages in place. Plans are made once per batch and reused by every layer.
+The pool's per-layer [pages, page_size, kv_heads, head_dim] buffers are FlashInfer's "NHD" paged layout,
+so the kernels read pages in place. Plans are made once per batch from host inputs (page counts and
+last-page lengths live on the host anyway; the page indices go to the device in one non-blocking copy),
+so preparing a batch never waits for the GPU. Kernel families are fixed rather than left to FlashInfer's
+`auto` (which can pick cuDNN or other paths with their own dependencies): prefill runs fa3 on Hopper and fa2
+elsewhere; decode runs the fa2 tensor-core kernel, in a CUDA-graph wrapper per captured batch size.
 """
 
 from __future__ import annotations
 
-import importlib.util
+from itertools import accumulate
+from typing import Any
 
 import torch
 
 from engine.attention.base import AttentionBackend
 from engine.batch import ForwardBatch, ForwardMode
+from engine.device import pinned, to_device
 from engine.kvcache import KVPool, pages_for
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
 
 
-def available() -> bool:
-    return importlib.util.find_spec("flashinfer") is not None
+def prefill_kernel_family(device: torch.device, head_dim: int) -> str:
+    """fa3 where its Hopper kernels exist (sm90, head dims 64/128/256), fa2 otherwise."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return "fa3" if major == 9 and head_dim in (64, 128, 256) else "fa2"
 
 
 class FlashInferAttention(AttentionBackend):
+    name = "flashinfer"
+    supports_cuda_graph = True
+
     def __init__(self, pool: KVPool, num_heads: int, sliding_window: int | None) -> None:
         super().__init__(pool, num_heads, sliding_window)
         import flashinfer
 
+        self._flashinfer = flashinfer
         self._workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=pool.device)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self._workspace, "NHD")
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self._workspace, "NHD")
+        self.prefill_family = prefill_kernel_family(pool.device, self.head_dim)
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            self._workspace, "NHD", backend=self.prefill_family
+        )
+        self._decode = self._decode_wrapper()
+        self._graph_decode: dict[int, Any] = {}  # captured batch size -> its CUDA-graph decode wrapper
+        self._active: Any = None
         # Reference semantics: key j is visible from query i when i - j < window, i.e. window - 1 to the left.
         self._window_left = sliding_window - 1 if sliding_window else -1
+        dtype = pool.layout.dtype
+        self._common = dict(window_left=self._window_left, sm_scale=self.scale, q_data_type=dtype, kv_data_type=dtype)
+
+    def _decode_wrapper(self, graph_batch_size: int | None = None) -> Any:
+        kwargs: dict[str, Any] = {}
+        if graph_batch_size is not None:
+            dev, i32 = self.pool.device, torch.int32
+            # every row's pages are distinct except padding rows, which share the pool's scratch page
+            max_indices = self.pool.num_pages + graph_batch_size
+            kwargs = dict(
+                use_cuda_graph=True,
+                paged_kv_indptr_buffer=torch.zeros(graph_batch_size + 1, dtype=i32, device=dev),
+                paged_kv_indices_buffer=torch.zeros(max_indices, dtype=i32, device=dev),
+                paged_kv_last_page_len_buffer=torch.zeros(graph_batch_size, dtype=i32, device=dev),
+            )
+        return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self._workspace, "NHD", use_tensor_cores=True, backend="fa2", **kwargs
+        )
+
+    def _paged_inputs(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """kv_indptr and last-page lengths on the (pinned) host, page indices on the device."""
+        ps, dev = batch.page_size, self.pool.device
+        counts = [pages_for(n, ps) for n in batch.seq_lens]
+        indices = [p for table, n in zip(batch.page_tables, counts, strict=True) for p in table[:n]]
+        kv_indptr = pinned([0, *accumulate(counts)], torch.int32, dev)
+        last_page_len = pinned([(n - 1) % ps + 1 for n in batch.seq_lens], torch.int32, dev)
+        # on the device already: FlashInfer's CUDA-graph plan copies host indices blocking
+        return kv_indptr, to_device(indices, torch.int32, dev), last_page_len
+
+    def _plan_decode(self, wrapper: Any, batch: ForwardBatch) -> None:
+        kv_indptr, kv_indices, last_page_len = self._paged_inputs(batch)
+        layout = (self.num_heads, self.num_kv_heads, self.head_dim, batch.page_size)
+        wrapper.plan(kv_indptr, kv_indices, last_page_len, *layout, non_blocking=True, **self._common)
 
     def prepare(self, batch: ForwardBatch) -> None:
         self.batch = batch
-        ps = batch.page_size
-        pages_per_req = [pages_for(n, ps) for n in batch.seq_lens]
-        indices = [p for table, n in zip(batch.page_tables, pages_per_req, strict=True) for p in table[:n]]
-        i32 = dict(dtype=torch.int32, device=self.pool.device)
-        kv_indptr = torch.tensor([0, *torch.tensor(pages_per_req).cumsum(0).tolist()], **i32)
-        kv_indices = torch.tensor(indices, **i32)
-        last_page_len = torch.tensor([(n - 1) % ps + 1 for n in batch.seq_lens], **i32)
-        dtype, kv_dtype = self.pool.layout.dtype, self.pool.layout.dtype
-        common = dict(window_left=self._window_left, sm_scale=self.scale, q_data_type=dtype, kv_data_type=kv_dtype)
         if batch.mode == ForwardMode.DECODE:
-            self._decode.plan(
-                kv_indptr,
-                kv_indices,
-                last_page_len,
-                self.num_heads,
-                self.num_kv_heads,
-                self.head_dim,
-                ps,
-                **common,
-            )
-        else:
-            qo_indptr = torch.tensor([0, *torch.tensor(batch.extend_lens).cumsum(0).tolist()], **i32)
-            # causal with paged KV aligns the last query with the last key, which is what extend needs
-            self._prefill.plan(
-                qo_indptr,
-                kv_indptr,
-                kv_indices,
-                last_page_len,
-                self.num_heads,
-                self.num_kv_heads,
-                self.head_dim,
-                ps,
-                causal=True,
-                **common,
-            )
+            self._plan_decode(self._decode, batch)
+            self._active = self._decode
+            return
+        kv_indptr, kv_indices, last_page_len = self._paged_inputs(batch)
+        qo_indptr = pinned([0, *accumulate(batch.extend_lens)], torch.int32, self.pool.device)
+        # causal with paged KV aligns the last query with the last key, which is what extend needs
+        self._prefill.plan(
+            qo_indptr, kv_indptr, kv_indices, last_page_len,
+            self.num_heads, self.num_kv_heads, self.head_dim, batch.page_size,
+            causal=True, non_blocking=True, **self._common,
+        )  # fmt: skip
+        self._active = self._prefill
+
+    def prepare_graph(self, batch: ForwardBatch, graph_batch_size: int) -> None:
+        if batch.mode != ForwardMode.DECODE or batch.batch_size != graph_batch_size:
+            raise ValueError(f"a CUDA-graph batch is a decode batch of exactly {graph_batch_size} rows")
+        wrapper = self._graph_decode.get(graph_batch_size)
+        if wrapper is None:
+            wrapper = self._graph_decode[graph_batch_size] = self._decode_wrapper(graph_batch_size)
+        self.batch = batch
+        self._plan_decode(wrapper, batch)
+        self._active = wrapper
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.store_kv(layer, k, v)
-        assert self.batch is not None
         cache = (self.pool.k[layer], self.pool.v[layer])
-        q = q.to(self.pool.layout.dtype).contiguous()
-        wrapper = self._decode if self.batch.mode == ForwardMode.DECODE else self._prefill
-        return wrapper.run(q, cache)
+        return self._active.run(q.to(self.pool.layout.dtype).contiguous(), cache)

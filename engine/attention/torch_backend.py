@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend
 from engine.batch import ForwardBatch, ForwardMode
+from engine.device import to_device
 from engine.kvcache import pages_for
 
 
@@ -26,12 +27,19 @@ class _DecodeMeta:
 
 
 class TorchAttention(AttentionBackend):
+    name = "torch"
+
     def prepare(self, batch: ForwardBatch) -> None:
         self.batch = batch
         if batch.mode == ForwardMode.DECODE:
             batch.attn_metadata = self._prepare_decode(batch)
         else:
             batch.attn_metadata = self._prepare_extend(batch)
+
+    def prepare_graph(self, batch: ForwardBatch, graph_batch_size: int) -> None:
+        # Never captured for real (`supports_cuda_graph` is False: its decode metadata changes shape with the
+        # longest sequence); this lets the graph runner's padding run on CPU with an eager stand-in graph.
+        self.prepare(batch)
 
     def _prepare_extend(self, batch: ForwardBatch) -> _ExtendMeta:
         starts, slots, masks = [], [], []
@@ -50,19 +58,19 @@ class TorchAttention(AttentionBackend):
         return _ExtendMeta(starts, slots, masks)
 
     def _prepare_decode(self, batch: ForwardBatch) -> _DecodeMeta:
-        seq_lens = torch.tensor(batch.seq_lens, dtype=torch.int64, device=batch.device)
-        max_len = int(seq_lens.max())
-        max_pages = pages_for(max_len, batch.page_size)
-        pages = torch.zeros(batch.batch_size, max_pages, dtype=torch.int64)
-        for i, table in enumerate(batch.page_tables):
-            n = min(len(table), max_pages)
-            pages[i, :n] = torch.tensor(table[:n], dtype=torch.int64)
-        offsets = torch.arange(batch.page_size, dtype=torch.int64)
-        slots = (pages[:, :, None] * batch.page_size + offsets).flatten(1)[:, :max_len].to(batch.device)
+        # Built on the host from the batch's lists and copied once: no device value is read back.
+        seq_lens = batch.seq_lens
+        max_len = max(seq_lens)
+        ps = batch.page_size
+        slots = torch.zeros(batch.batch_size, max_len, dtype=torch.int64)
+        for i, (table, n) in enumerate(zip(batch.page_tables, seq_lens, strict=True)):
+            pages = torch.tensor(table[: pages_for(n, ps)], dtype=torch.int64)
+            slots[i, :n] = (pages[:, None] * ps + torch.arange(ps, dtype=torch.int64)).flatten()[:n]
+        lens = to_device(seq_lens, torch.int64, batch.device)
         k_pos = torch.arange(max_len, device=batch.device)[None, :]
-        q_pos = (seq_lens - 1)[:, None]
-        mask = self._allowed(q_pos, k_pos) & (k_pos < seq_lens[:, None])
-        return _DecodeMeta(slots, mask[:, None, None, :])
+        q_pos = (lens - 1)[:, None]
+        mask = self._allowed(q_pos, k_pos) & (k_pos < lens[:, None])
+        return _DecodeMeta(to_device(slots, torch.int64, batch.device), mask[:, None, None, :])
 
     def _allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         allowed = k_pos <= q_pos

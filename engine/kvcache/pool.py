@@ -55,7 +55,10 @@ class KVPool:
         self.layout = layout
         self.num_pages = num_pages
         self.device = torch.device(device)
-        shape = (num_pages, layout.page_size, layout.num_kv_heads, layout.head_dim)
+        # One physical page more than the allocator hands out: the scratch page, which nothing owns. Padding
+        # rows of a CUDA-graph decode batch write their (discarded) KV there, never into a request's page.
+        self.scratch_page = num_pages
+        shape = (num_pages + 1, layout.page_size, layout.num_kv_heads, layout.head_dim)
         self.k = [torch.zeros(shape, dtype=layout.dtype, device=self.device) for _ in range(layout.num_layers)]
         self.v = [torch.zeros(shape, dtype=layout.dtype, device=self.device) for _ in range(layout.num_layers)]
         self.allocator = PageAllocator(num_pages)
@@ -72,7 +75,7 @@ class KVPool:
         return pages_for(num_tokens, self.page_size)
 
     def flat_k(self, layer: int) -> torch.Tensor:
-        """[num_pages * page_size, kv_heads, head_dim] view: one row per token slot."""
+        """[(num_pages + 1) * page_size, kv_heads, head_dim] view: one row per token slot (scratch page last)."""
         return self.k[layer].view(-1, self.layout.num_kv_heads, self.layout.head_dim)
 
     def flat_v(self, layer: int) -> torch.Tensor:
@@ -85,7 +88,7 @@ class KVPool:
     @staticmethod
     def for_budget(layout: KVLayout, budget_bytes: int, device: torch.device | str = "cpu") -> KVPool:
         per_page = 2 * layout.num_layers * layout.page_bytes
-        num_pages = budget_bytes // per_page
+        num_pages = budget_bytes // per_page - 1  # the scratch page comes out of the budget
         if num_pages < 1:
             raise ValueError(
                 f"KV budget of {budget_bytes} bytes holds no page ({per_page} bytes each); "

@@ -13,7 +13,7 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend
 from engine.config import ModelConfig
-from engine.models.rope import RotaryEmbedding
+from engine.models.rope import RopeTables, RotaryEmbedding, apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -40,14 +40,12 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, attn: AttentionBackend
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables, attn: AttentionBackend) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = apply_rope(rope, q, k)
         out = attn.forward(self.layer, q, k, v)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -71,10 +69,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, attn: AttentionBackend
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, attn)
+    def forward(self, x: torch.Tensor, rope: RopeTables, attn: AttentionBackend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -95,13 +91,17 @@ class LlamaFamilyModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
+    def rope_tables(self, positions: torch.Tensor) -> RopeTables:
+        """The rotary tables of a batch: gathered once per forward, reused by every layer."""
+        return self.rope.tables(positions, self.embed_tokens.weight.dtype)
+
     def run_layers(
-        self, hidden: torch.Tensor, positions: torch.Tensor, start: int, end: int, attn: AttentionBackend
+        self, hidden: torch.Tensor, rope: RopeTables, start: int, end: int, attn: AttentionBackend
     ) -> torch.Tensor:
         if not 0 <= start <= end <= self.num_layers:
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.num_layers})")
         for layer in self.layers[start:end]:
-            hidden = layer(hidden, positions, self.rope, attn)
+            hidden = layer(hidden, rope, attn)
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -112,4 +112,4 @@ class LlamaFamilyModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """Hidden states after the last layer (before the final norm)."""
-        return self.run_layers(self.embed(input_ids), positions, 0, self.num_layers, attn)
+        return self.run_layers(self.embed(input_ids), self.rope_tables(positions), 0, self.num_layers, attn)
