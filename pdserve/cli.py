@@ -107,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--transfer-backend", default="mooncake", choices=list(BACKENDS))
     la.add_argument("--host", default="127.0.0.1", help="address the router listens on")
     la.add_argument("--port", type=int, default=30000, help="router port (servers get free ports)")
-    la.add_argument("--startup-timeout", type=float, default=300.0)
+    la.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=900.0,
+        help="seconds to wait for every server to be ready (a cold FlashInfer kernel cache compiles for minutes)",
+    )
     add_body_limit_arg(la)
     la.set_defaults(func=cmd_launch)
     return parser
