@@ -47,10 +47,13 @@ class CudaEvent:
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     if str(spec) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device cuda requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device cuda requested but CUDA is not available; use --device cpu")
+        if device.index is None:  # always indexed: threads bind to it (`bind_thread`), events compare it
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -109,5 +112,5 @@ def in_sanctioned_read() -> bool:
 def bind_thread(device: torch.device) -> None:
     """Make `device` current for the calling thread: events, streams and copies of `cuda:N` need it in every
     thread that touches them (a new thread starts on device 0)."""
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:  # an index-less "cuda" means device 0 anyway
         torch.cuda.set_device(device)

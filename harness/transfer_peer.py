@@ -60,7 +60,7 @@ class Peer:
             head_dim=cfg.get("head_dim", 8),
             dtype=getattr(torch, cfg.get("dtype", "float32")),
         )
-        self.pool = KVPool(layout, cfg.get("num_pages", 64))
+        self.pool = KVPool(layout, cfg.get("num_pages", 64), cfg.get("device", "cpu"))
         timeouts = Timeouts(**cfg.get("timeouts", {}))
         tcfg = TransferConfig(
             backend=cfg["backend"], timeouts=timeouts, aux_rows=cfg.get("aux_rows", 16), zmq_port=cfg.get("zmq_port", 0)
@@ -78,7 +78,7 @@ class Peer:
         g = torch.Generator().manual_seed(cfg.get("seed", 0))
         if self.role == "prefill":
             for t in (*self.pool.k, *self.pool.v):
-                t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
+                t.copy_(torch.randn(t.shape, generator=g).to(t.dtype).to(t.device))
 
     # -- commands -----------------------------------------------------------------------------------
 
@@ -88,6 +88,7 @@ class Peer:
             "endpoint": self.mgr.endpoint,
             "pages": self.pool.num_pages,
             "instance": self.mgr.instance,
+            "device": str(self.pool.device),
         }
 
     def cmd_alloc(self, room: int, n: int, pages: list[int] | None = None) -> dict:
@@ -116,7 +117,9 @@ class Peer:
 
     def cmd_finish(self, room: int, prompt_len: int, token: int, logprob: float, event: str = "") -> dict:
         ev = self.events.setdefault(event, ManualEvent()) if event else CompletedEvent()
-        self.handles[room].finish(AuxRow(room, prompt_len, token, logprob), ev)
+        sender = self.handles[room]
+        if sender.write_aux(AuxRow(room, prompt_len, token, logprob)):
+            sender.finish(ev)
         return {}
 
     def cmd_complete(self, event: str) -> dict:
@@ -149,13 +152,14 @@ class Peer:
         """Digest of each (region, page): K of each layer, then V of each layer."""
         out = []
         for t in (*self.pool.k, *self.pool.v):
-            out.append([hashlib.sha1(t[p].contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for p in pages])
+            raw = [t[p].contiguous().view(torch.uint8).cpu().numpy().tobytes() for p in pages]
+            out.append([hashlib.sha1(b).hexdigest() for b in raw])
         return {"hashes": out}
 
     def cmd_scribble(self, pages: list[int], seed: int) -> dict:
         g = torch.Generator().manual_seed(seed)
         for t in (*self.pool.k, *self.pool.v):
-            t[pages] = torch.randn(t[pages].shape, generator=g).to(t.dtype)
+            t[pages] = torch.randn(t[pages].shape, generator=g).to(t.dtype).to(t.device)
         return {}
 
     def cmd_timed_transfer(self, room: int, groups: list[list[int]], prompt_len: int, timeout: float = 60) -> dict:
@@ -163,8 +167,10 @@ class Peer:
         sender = self.handles[room]
         t0 = time.perf_counter()
         for i, (start, end) in enumerate(groups):
-            aux = AuxRow(room, prompt_len, 1, 0.0) if i == len(groups) - 1 else None
-            sender.send(start, end, self.pages[room], CompletedEvent(), aux)
+            last = i == len(groups) - 1
+            if last:
+                sender.write_aux(AuxRow(room, prompt_len, 1, 0.0))
+            sender.send(start, end, self.pages[room], CompletedEvent(), last=last)
         while (state := sender.poll()) not in (TransferState.SUCCESS, TransferState.FAILED):
             if time.perf_counter() - t0 > timeout:
                 raise TimeoutError(f"room {room} stuck in {state.name}")

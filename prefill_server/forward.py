@@ -54,14 +54,21 @@ def prefill_and_send(
                     sender.send(start, end, req.pages, event)
     logits = fwd.logits()
     sample = engine.sampler(logits, [r.params for r in reqs], [r.generator for r in reqs])
-    event = record_event(engine.device)
-    tokens, logprobs, ok = sample.token_ids.tolist(), sample.logprobs.tolist(), sample.ok()
+    tokens, logprobs, ok = sample.tokens, sample.token_logprobs, sample.ok()
+    # The aux rows are written here, on this thread, before the event is recorded: on CUDA each is a
+    # non-blocking copy on the compute stream, so the one event covers the last KV and every aux row, and the
+    # worker reads neither before it completed.
+    written: list[tuple[Request, KVSender]] = []
     for i, (req, sender) in enumerate(zip(reqs, senders, strict=True)):
         if sender is None or not ok[i] or sender.poll() == TransferState.FAILED:
             continue
-        aux = AuxRow(rooms[i], len(req.prompt_ids), tokens[i], logprobs[i])
+        if sender.write_aux(AuxRow(rooms[i], len(req.prompt_ids), tokens[i], logprobs[i])):
+            written.append((req, sender))
+        # else the room failed (no aux row free); the caller sees it in its poll()
+    event = record_event(engine.device)
+    for req, sender in written:
         if pipelined:
-            sender.finish(aux, event)
+            sender.finish(event)
         else:  # the whole KV and the aux row in one write
-            sender.send(0, runner.num_layers, req.pages, event, aux)
+            sender.send(0, runner.num_layers, req.pages, event, last=True)
     return sample, groups

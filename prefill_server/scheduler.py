@@ -237,7 +237,7 @@ class PrefillScheduler(SchedulerLoop):
         t1 = time.monotonic()
         mode = BatchMode.PIPELINED if len(groups) > 1 else BatchMode.WHOLE
         self.metrics.prefill_batches.labels(mode.value).inc()
-        rows = zip(batch, sample.token_ids.tolist(), sample.logprobs.tolist(), sample.ok(), strict=True)
+        rows = zip(batch, sample.tokens, sample.token_logprobs, sample.ok(), strict=True)
         for job, token, logprob, ok in rows:
             self.metrics.request_stage.labels(self.role.value, Stage.PREFILL_FORWARD.value).observe(t1 - t0)
             job.since = t1

@@ -98,7 +98,7 @@ class DecodeTransferManager(PrefillWatch, TransferManager):
             if row is None:
                 raise NoAuxRowFree("too many rooms in flight (no free aux row); retry later")
             self._rooms[room] = Room(RoomState(room, self.timeouts), bootstrap_addr, list(dst_pages), prompt_len, row)
-        self._bootstrapper.submit(self._bootstrap, room)
+        self._bootstrapper.submit(self._bootstrap_guarded, room)
         return KVReceiver(self, room)
 
     def _safe_to_free(self, room: int) -> bool:
@@ -134,6 +134,14 @@ class DecodeTransferManager(PrefillWatch, TransferManager):
             self.aux.free(r.aux_row)
 
     # -- bootstrap (in a small thread pool: it does blocking HTTP) --------------------------------------
+
+    def _bootstrap_guarded(self, room: int) -> None:
+        """A pool thread swallows what its task raises: fail the room with it instead of leaving it to time out."""
+        try:
+            self._bootstrap(room)
+        except Exception as e:
+            log.exception("decode: room %d: bootstrap failed", room)
+            self._fail(room, f"bootstrap failed: {type(e).__name__}: {e}", FailureReason.FAILED, tell_prefill=True)
 
     def _bootstrap(self, room: int) -> None:
         delay = 0.05
@@ -240,14 +248,17 @@ class DecodeTransferManager(PrefillWatch, TransferManager):
             log.warning("decode: unexpected %s message dropped", type(msg).__name__)
 
     def _on_status(self, msg: Status) -> None:
+        try:
+            state = TransferState(msg.state)
+        except ValueError:
+            log.warning("decode: room %d: unknown state %r dropped", msg.room, msg.state)
+            return
+        if state == TransferState.SUCCESS:
+            self._on_success(msg.room)
+            return
         with self._lock:
             r = self._rooms.get(msg.room)
             if r is None:
-                return
-            try:
-                state = TransferState(msg.state)
-            except ValueError:
-                log.warning("decode: room %d: unknown state %r dropped", msg.room, msg.state)
                 return
             if state == TransferState.FAILED:
                 r.released_by_prefill = msg.drained
@@ -256,25 +267,43 @@ class DecodeTransferManager(PrefillWatch, TransferManager):
                 except ValueError:  # empty or unknown: count it, under the generic reason
                     reason = FailureReason.FAILED
                 self._fail(msg.room, msg.error or "prefill reported failure", reason, tell_prefill=False)
-            elif state == TransferState.SUCCESS:
-                r.released_by_prefill = True  # every write of the room completed, even if we gave up on it
-                if r.state.terminal:
-                    return
-                row = self.aux.read(r.aux_row)
-                if row.room != msg.room or row.prompt_len != r.prompt_len:
-                    self._fail(
-                        msg.room,
-                        f"aux row mismatch: expected room {msg.room} / {r.prompt_len} tokens, "
-                        f"got room {row.room} / {row.prompt_len}",
-                        FailureReason.FAILED,
-                        tell_prefill=False,
-                    )
-                    return
-                r.result = row
-                r.state.advance(TransferState.TRANSFERRING)
-                r.state.advance(TransferState.SUCCESS)
             else:
                 r.state.advance(state)
+
+    def _on_success(self, room: int) -> None:
+        """Every write of the room completed: check the aux row and take the first token from it.
+
+        The row is read without the lock (on CUDA a device→host copy: the scheduler must not wait on it), then
+        the result applied under the lock only if the room is still the same live one."""
+        with self._lock:
+            r = self._rooms.get(room)
+            if r is None:
+                return
+            r.released_by_prefill = True  # every write of the room completed, even if we gave up on it
+            if r.state.terminal:
+                return
+            aux_row = r.aux_row
+        try:
+            row = self.aux.read(aux_row)
+        except Exception as e:
+            log.exception("decode: room %d: reading aux row %d failed", room, aux_row)
+            self._fail(room, f"reading the aux row failed: {type(e).__name__}: {e}", FailureReason.FAILED, False)
+            return
+        with self._lock:
+            if self._rooms.get(room) is not r or r.state.terminal:
+                return  # released or failed meanwhile (its row may belong to another room by now)
+            if row.room != room or row.prompt_len != r.prompt_len:
+                self._fail(
+                    room,
+                    f"aux row mismatch: expected room {room} / {r.prompt_len} tokens, "
+                    f"got room {row.room} / {row.prompt_len}",
+                    FailureReason.FAILED,
+                    tell_prefill=False,
+                )
+                return
+            r.result = row
+            r.state.advance(TransferState.TRANSFERRING)
+            r.state.advance(TransferState.SUCCESS)
 
     def _on_unknown_session(self, msg: UnknownSession) -> None:
         """The prefill at the room's address does not know us: re-register and send the room's info again."""
@@ -300,7 +329,7 @@ class DecodeTransferManager(PrefillWatch, TransferManager):
             if p is not None and p.generation == r.sent_generation:
                 p.registered = False  # the registration this room relied on is not known there: register again
         log.info("decode: room %d: prefill %s (%s) does not know us; registering again", msg.room, addr, msg.instance)
-        self._bootstrapper.submit(self._bootstrap, msg.room)
+        self._bootstrapper.submit(self._bootstrap_guarded, msg.room)
 
     def _fail(self, room: int, error: str, reason: FailureReason, tell_prefill: bool) -> None:
         with self._lock:

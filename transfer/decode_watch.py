@@ -92,7 +92,10 @@ class PrefillWatch:
         timeout = min(self.timeouts.http, self.timeouts.heartbeat_interval)
         while not self._stop.wait(self.timeouts.heartbeat_interval):
             for addr in self._watched():
-                self._beat(addr, probe(addr, timeout=timeout))
+                try:
+                    self._beat(addr, probe(addr, timeout=timeout))
+                except Exception:  # one prefill's odd answer must not stop the watch over the others
+                    log.exception("decode: heartbeat of prefill %s failed", addr)
 
     def _watched(self) -> set[str]:
         with self._lock:

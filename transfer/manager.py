@@ -17,12 +17,14 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
 from contracts.codec import Record
 from contracts.metrics import FailureReason
+from engine.device import bind_thread
 from engine.kvcache import KVPool
 from transfer.aux import AuxBuffer
 from transfer.backends import BackendSettings, MemoryRegion, create_backend
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 _POLL_MS = 50
 _TICK_S = 0.02
 MAX_PUSH_SOCKETS = 256  # outgoing control sockets kept open; more peers than this reconnect on use
+ERROR_BACKOFF_S = 0.05  # pause after an error outside any room, so a persistent one does not spin a loop
 
 
 class DuplicateRoomError(ValueError):
@@ -122,10 +125,30 @@ class TransferManager:
 
     # -- threads --------------------------------------------------------------------------------------
 
-    def _spawn(self, target, name: str) -> None:
-        t = threading.Thread(target=target, name=f"{self.role}-{name}", daemon=True)
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=self._thread_main, args=(target, name), name=f"{self.role}-{name}", daemon=True)
         t.start()
         self._threads.append(t)
+
+    def _thread_main(self, target: Callable[[], None], name: str) -> None:
+        """Run a manager thread's loop on the pool's device, and never let it die silently.
+
+        Every manager thread may touch device memory (the worker's events and copies, decode's aux read, an aux
+        row cleared on free), and a new thread starts on device 0: `cuda:N` needs `set_device` here. The loops
+        guard their own work per room; whatever escapes them is logged and the loop starts again after a pause.
+        """
+        try:
+            # a tensor's device always has its index; the pool's may be a bare "cuda", which set_device refuses
+            bind_thread(self.aux.tensor.device)
+        except Exception:  # keep the loop: its device work then fails per room, with the error
+            log.exception("%s: cannot make %s current in the %s thread", self.role, self.aux.tensor.device, name)
+        while not self._stop.is_set():
+            try:
+                target()
+                return
+            except Exception:
+                log.exception("%s: %s thread failed; restarting it", self.role, name)
+                self._stop.wait(ERROR_BACKOFF_S)
 
     def _recv_loop(self) -> None:
         poller = zmq.Poller()

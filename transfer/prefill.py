@@ -1,8 +1,10 @@
 """Prefill side: receives decode's registrations and transfer infos, and pushes KV into decode's pages.
 
 The scheduler holds a `KVSender` per request (room). It may call `send(start, end, pages, event)` once per
-layer group and then `finish(aux, event)`; each call becomes a chunk on the transfer worker's queue
-(transfer/prefill_worker.py). The worker submits a chunk only once its event completed (so it never reads
+layer group; once the first token is sampled it writes the aux row (`write_aux(aux)`, on its own thread, ordered
+on the compute stream), records an event, and queues the room's last chunk with it (`finish(event)`, or
+`send(..., event, last=True)` for KV and aux in one write); each call becomes a chunk on the transfer worker's
+queue (transfer/prefill_worker.py). The worker submits a chunk only once its event completed (so it never reads
 pages the compute stream is still writing), tracks the engine's handles, and hands the room back here when
 a write resolves. This module concludes the room when nothing is in flight any more: `Success` once, after
 every KV and aux write completed; otherwise `Failed`/`Abort` to decode, sent only after the room's writes
@@ -69,17 +71,25 @@ class KVSender(RoomHandle):
         """Decode's transfer info arrived: the forward may run."""
         return self.poll() >= TransferState.WAITING_FOR_INPUT
 
-    def send(self, start: int, end: int, src_pages: list[int], event: DeviceEvent, aux: AuxRow | None = None) -> None:
+    def send(self, start: int, end: int, src_pages: list[int], event: DeviceEvent, last: bool = False) -> None:
         """Queue layers [start, end) of `src_pages`; the worker waits for `event` before reading them.
 
-        Passing `aux` makes this the room's last write (the aux row rides in the same batch);
-        `Success` follows once every write of the room completed.
+        `last` makes this the room's final write, carrying the aux row `write_aux` wrote before `event` was
+        recorded; `Success` follows once every write of the room completed.
         """
-        self.manager._enqueue(Chunk(self.room, start, end, list(src_pages), event, aux))
+        self.manager._enqueue(Chunk(self.room, start, end, list(src_pages), event, last))
 
-    def finish(self, aux: AuxRow, event: DeviceEvent) -> None:
-        """Queue the aux row alone as the room's last write."""
-        self.send(0, 0, [], event, aux)
+    def write_aux(self, aux: AuxRow) -> bool:
+        """Write the room's aux row now, on the calling thread (on CUDA: non-blocking, on the current stream).
+
+        Call it before recording the event passed to `finish`/`send(last=True)`, which then covers the write.
+        False when the room failed instead (no aux row free: it fails with that reason) or had already ended.
+        """
+        return self.manager._write_aux(self.room, aux)
+
+    def finish(self, event: DeviceEvent) -> None:
+        """Queue the aux row alone as the room's last write (after `write_aux`)."""
+        self.send(0, 0, [], event, last=True)
 
     def abort(self, reason: str = "aborted by prefill") -> None:
         self.manager._abort_local(self.room, reason)
@@ -140,10 +150,33 @@ class PrefillTransferManager(TransferManager):
                 raise ValueError(f"room {chunk.room}: send after finish")
             if r.state.state < TransferState.WAITING_FOR_INPUT and not r.state.terminal:
                 raise ValueError(f"room {chunk.room}: decode's transfer info has not arrived")
+            if chunk.last and r.aux_row is None and not r.state.terminal:
+                raise ValueError(f"room {chunk.room}: write_aux must come before the last chunk")
             r.pending += 1
-            if chunk.aux is not None:
+            if chunk.last:
                 r.finished = True
         self._worker.queue.put(chunk)
+
+    def _write_aux(self, room: int, aux: AuxRow) -> bool:
+        with self._lock:
+            r = self._room(room)
+            if r.finished:
+                raise ValueError(f"room {room}: write_aux after the last chunk")
+            if r.state.terminal:
+                return False
+            if r.aux_row is None:
+                r.aux_row = self.aux.allocate()
+                if r.aux_row is None:
+                    error = (
+                        f"no free aux row on prefill: all {self.aux.rows} rows are held by rooms in flight "
+                        "(TransferConfig.aux_rows); retry once some finished"
+                    )
+                    self._fail(room, r, error, FailureReason.FAILED)
+                    self._conclude(room, r)
+                    return False
+            # Under the lock so the row cannot be freed meanwhile; on CUDA only a non-blocking copy is queued.
+            self.aux.write(r.aux_row, aux)
+        return True
 
     def _abort_local(self, room: int, reason: str) -> None:
         with self._lock:
@@ -388,5 +421,5 @@ class PrefillTransferManager(TransferManager):
 
     def _free_aux(self, r: PrefillRoom) -> None:
         if r.aux_row is not None:
-            self.aux.free(r.aux_row)
+            self.aux.free(r.aux_row, clear=False)  # only ever sent after `write_aux` wrote it whole
             r.aux_row = None

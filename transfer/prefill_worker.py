@@ -4,10 +4,24 @@ Kept apart from the manager's control plane (transfer/prefill.py) because it is 
 transfer layer: it submits a chunk only once the device event of the compute that wrote its pages
 completed, polls the engine's handles, and hands each room back to the manager's `_conclude` whenever one
 of its writes resolves. It shares the manager's lock and room records (`PrefillRoom`).
+
+The lock is the scheduler's too (it queues the next layer group under it), so the worker holds it only for
+bookkeeping: no engine call (`submit_write`, `poll`, `release`, `cancel`) and no device work runs under it.
+A chunk's writes are counted in flight before the lock is let go and uncounted only once they resolved (or
+never started), so a room cannot conclude, and its pages cannot be freed, while an engine may read them.
+
+Order: chunks are submitted strictly in queue order, so a room's last chunk, the one carrying its aux row,
+goes out only after every earlier chunk of the room was submitted; `Success` follows only once every write
+of the room completed (transfer/prefill.py), and decode trusts the aux row only on `Success`.
+
+Nothing that goes wrong here stops the loop: an error while handling a chunk or a write fails that room
+(`FailureReason.FAILED`, the error in its message), so it ends at once rather than at its deadline; an error
+outside any room is logged with its traceback and the loop goes on after a short pause.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import time
 from collections import deque
@@ -16,8 +30,8 @@ from typing import TYPE_CHECKING
 
 from contracts.metrics import FailureReason
 from engine.device import DeviceEvent
-from transfer.aux import AuxRow
 from transfer.backends import Copy, TransferError, WriteStatus
+from transfer.manager import ERROR_BACKOFF_S
 from transfer.planner import aux_region, layer_copies, merge_runs
 from transfer.protocol import Status, TransferInfo, TransferState
 from transfer.state import RoomState
@@ -25,21 +39,31 @@ from transfer.state import RoomState
 if TYPE_CHECKING:
     from transfer.prefill import PrefillTransferManager
 
+log = logging.getLogger(__name__)
+
 # The worker's wait between polls of in-flight writes (backs off from min to max while idle).
 _POLL_MIN_S = 0.0001
 _POLL_MAX_S = 0.002
 
 
+def describe(e: BaseException) -> str:
+    """An exception in words for a room's error: an engine's own TransferError as is, anything else by type."""
+    return str(e) if isinstance(e, TransferError) else f"{type(e).__name__}: {e}"
+
+
 @dataclass
 class Chunk:
-    """Layers [start, end) of a room's pages, readable once `event` completed; `aux` marks the last one."""
+    """Layers [start, end) of a room's pages, readable once `event` completed.
+
+    `last` marks the room's final chunk: its aux row (written by the scheduler before `event` was recorded,
+    `KVSender.write_aux`) rides along."""
 
     room: int
     start: int
     end: int
     src_pages: list[int]
     event: DeviceEvent
-    aux: AuxRow | None = None  # set on the final chunk
+    last: bool = False
 
 
 @dataclass
@@ -50,15 +74,25 @@ class PrefillRoom:
     infos: dict[str, TransferInfo] = field(default_factory=dict)
     required: int = 1
     pending: int = 0  # chunks queued, not yet submitted
-    inflight: int = 0  # engine handles not yet complete
-    finished: bool = False  # the final (aux) chunk was submitted
-    aux_row: int | None = None
+    inflight: int = 0  # engine writes started (or about to be) and not yet resolved
+    finished: bool = False  # the final (aux) chunk was queued
+    aux_row: int | None = None  # our row, written by the scheduler thread
     aborted_by_us: bool = False
     released: bool = False  # the scheduler is done with it; delete once drained
     abort_acks_to: list[str] = field(default_factory=list)
     concluded: bool = False  # decode was told the outcome
     failed_at: float = 0.0
     cancelled: bool = False  # a write was called off mid-flight: bytes it sent may still land at decode
+
+
+@dataclass
+class _Write:
+    """One engine write in flight."""
+
+    room: PrefillRoom
+    handle: object
+    nbytes: int
+    not_before: float = 0.0  # done no sooner (emulated link)
 
 
 class TransferWorker:
@@ -68,30 +102,60 @@ class TransferWorker:
         self.m = manager
         self.queue: queue.Queue[Chunk] = queue.Queue()
         self._ready: deque[Chunk] = deque()
-        self._inflight: list[tuple[PrefillRoom, object, int, float]] = []  # room, handle, bytes, done no sooner
+        self._inflight: list[_Write] = []  # touched by this thread only
         self._link_free_at = 0.0  # emulated link (TransferConfig.emulated_link_gbps)
         self.bytes_total = 0  # KV and aux bytes whose writes completed
 
     def run(self) -> None:
+        """The loop (on the pool's device: the manager's threads bind it, transfer/manager.py)."""
         idle_wait = _POLL_MIN_S
         while not self.m._stop.is_set():
-            busy = bool(self._inflight or self._ready)
             try:
-                self._ready.append(self.queue.get(timeout=idle_wait if busy else 0.05))
-                while True:  # drain whatever else is queued without waiting
-                    self._ready.append(self.queue.get_nowait())
-            except queue.Empty:
-                pass
-            progressed = False
-            # In order: a chunk goes out only once the compute that wrote its pages has finished.
-            while self._ready and self._ready[0].event.query():
-                self._submit(self._ready.popleft())
-                progressed = True
-            if self._inflight:
-                progressed |= self._poll_inflight()
+                progressed = self._step(idle_wait)
+            except Exception:
+                log.exception("prefill: transfer worker error outside any room; going on")
+                self.m._stop.wait(ERROR_BACKOFF_S)
+                progressed = False
             # Back off while big writes are in flight: on a small host, a hot poll loop steals CPU from the
             # engine's own threads; any progress resets the wait, so short transfers stay fast.
             idle_wait = _POLL_MIN_S if progressed else min(idle_wait * 2, _POLL_MAX_S)
+
+    def _step(self, idle_wait: float) -> bool:
+        busy = bool(self._inflight or self._ready)
+        try:
+            self._ready.append(self.queue.get(timeout=idle_wait if busy else 0.05))
+            while True:  # drain whatever else is queued without waiting
+                self._ready.append(self.queue.get_nowait())
+        except queue.Empty:
+            pass
+        progressed = self._submit_ready()
+        if self._inflight:
+            progressed |= self._poll_inflight()
+        return progressed
+
+    # -- submitting -----------------------------------------------------------------------------------
+
+    def _submit_ready(self) -> bool:
+        """In order: a chunk goes out only once the compute that wrote its pages has finished."""
+        progressed = False
+        while self._ready:
+            chunk = self._ready[0]
+            try:
+                if not chunk.event.query():
+                    break
+            except Exception as e:  # a device error: this room cannot be read; the others may still be
+                self._ready.popleft()
+                self._drop(chunk, f"the device event of layers {chunk.start}..{chunk.end} failed: {describe(e)}")
+                progressed = True
+                continue
+            self._ready.popleft()
+            progressed = True
+            try:
+                self._submit(chunk)
+            except Exception as e:  # a bug: fail the room rather than leave it to its deadline
+                log.exception("prefill: room %d: error submitting layers %d..%d", chunk.room, chunk.start, chunk.end)
+                self._fail_room(chunk.room, f"transfer worker error: {describe(e)}")
+        return progressed
 
     def _submit(self, chunk: Chunk) -> None:
         m = self.m
@@ -100,25 +164,49 @@ class TransferWorker:
             if r is None:
                 return
             r.pending -= 1
-            if r.state.terminal:
+            plan = self._plan(chunk, r)
+            if not plan:  # the room ended (or just failed): maybe it drained now
                 m._conclude(chunk.room, r)
                 return
-            for info in r.infos.values():
-                try:
-                    copies = self._copies(chunk, r, info)
-                    handle = m.backend.submit_write(info.session, copies)
-                except TransferError as e:
-                    m._fail(chunk.room, r, f"{m.backend.name} write failed: {e}", FailureReason.FAILED)
-                    return
-                nbytes = sum(c.count * m.regions[c.region].item_bytes for c in copies)
-                r.inflight += 1
-                self._inflight.append((r, handle, nbytes, self._emulated_arrival(nbytes)))
-            if r.state.advance(TransferState.TRANSFERRING):
+            r.inflight += len(plan)  # from here the room cannot conclude nor its pages be freed
+        # The engine call runs without the lock: the scheduler takes it to queue its next group meanwhile.
+        writes: list[_Write] = []
+        error = ""
+        for session, copies, nbytes in plan:
+            try:
+                writes.append(_Write(r, m.backend.submit_write(session, copies), nbytes))
+            except Exception as e:
+                error = f"{m.backend.name} write failed: {describe(e)}"
+                break
+        with m._lock:
+            for w in writes:
+                w.not_before = self._emulated_arrival(w.nbytes)
+                self._inflight.append(w)
+            r.inflight -= len(plan) - len(writes)  # those never started
+            if error:
+                m._fail(chunk.room, r, error, FailureReason.FAILED)
+                m._conclude(chunk.room, r)
+            elif r.state.advance(TransferState.TRANSFERRING):
                 for info in r.infos.values():
                     peer = m._peers.get(info.session)
                     if peer is not None:
                         status = Status(chunk.room, TransferState.TRANSFERRING, m.cfg.tp_rank, session=info.session)
                         m.send(peer.endpoint, status)
+
+    def _plan(self, chunk: Chunk, r: PrefillRoom) -> list[tuple[str, list[Copy], int]]:
+        """(session, copies, bytes) per decode destination; [] if there is nothing to write. Lock held."""
+        m = self.m
+        if r.state.terminal:
+            return []
+        plan = []
+        try:
+            for info in r.infos.values():
+                copies = self._copies(chunk, r, info)
+                plan.append((info.session, copies, sum(c.count * m.regions[c.region].item_bytes for c in copies)))
+        except TransferError as e:
+            m._fail(chunk.room, r, f"cannot write room {chunk.room}: {e}", FailureReason.FAILED)
+            return []
+        return plan
 
     def _copies(self, chunk: Chunk, r: PrefillRoom, info: TransferInfo) -> list[Copy]:
         m = self.m
@@ -126,13 +214,10 @@ class TransferWorker:
             raise TransferError(f"{len(chunk.src_pages)} source pages but decode reserved {len(info.dst_pages)}")
         runs = merge_runs(chunk.src_pages, info.dst_pages[: len(chunk.src_pages)])
         copies = layer_copies(chunk.start, chunk.end, m.num_layers, runs)
-        if chunk.aux is not None:
-            if r.aux_row is None:
-                r.aux_row = m.aux.allocate()
-                if r.aux_row is None:
-                    raise TransferError("no free aux row on prefill")
-            m.aux.write(r.aux_row, chunk.aux)
-            copies.append(Copy(aux_region(m.num_layers), r.aux_row, info.aux_row, 1))
+        if chunk.last:
+            if r.aux_row is None:  # KVSender refuses a last chunk without a row: a bug if seen
+                raise TransferError("the aux row was not written before the room's last chunk")
+            copies.append(Copy(aux_region(m.num_layers), r.aux_row, info.aux_row, 1))  # last: after every KV copy
         return copies
 
     def _emulated_arrival(self, nbytes: int) -> float:
@@ -143,34 +228,80 @@ class TransferWorker:
         self._link_free_at = max(time.monotonic(), self._link_free_at) + nbytes * 8 / (gbps * 1e9)
         return self._link_free_at
 
+    def _drop(self, chunk: Chunk, error: str) -> None:
+        """A queued chunk that will never be submitted: its room fails."""
+        m = self.m
+        with m._lock:
+            r = m._rooms.get(chunk.room)
+            if r is None:
+                return
+            r.pending -= 1
+            m._fail(chunk.room, r, error, FailureReason.FAILED)
+            m._conclude(chunk.room, r)
+
+    def _fail_room(self, room: int, error: str) -> None:
+        m = self.m
+        with m._lock:
+            r = m._rooms.get(room)
+            if r is not None:
+                m._fail(room, r, error, FailureReason.FAILED)
+                m._conclude(room, r)
+
+    # -- polling --------------------------------------------------------------------------------------
+
     def _hung(self, r: PrefillRoom) -> bool:
         """The room failed and its writes outlived the abort-ack timeout: they may be cancelled."""
         return r.state.state == TransferState.FAILED and time.monotonic() - r.failed_at > self.m.timeouts.abort_ack
 
+    def _poll_one(self, w: _Write) -> tuple[WriteStatus, str]:
+        """Where `w` stands (PENDING while the emulated link would still carry it). No lock held."""
+        m = self.m
+        try:
+            status, error = m.backend.poll(w.handle)
+            if status == WriteStatus.PENDING and self._hung(w.room) and m.backend.cancel(w.handle):
+                # its room failed long ago and the engine does not give up on its own (a stopped peer)
+                status, error = WriteStatus.FAILED, "cancelled: the room failed and the write hung"
+                w.room.cancelled = True
+        except Exception as e:
+            # The handle is lost to us: we cannot tell whether bytes are still in flight. Try to stop it, and
+            # tell decode its pages are not drained (it quarantines them).
+            log.exception("prefill: room %d: polling a write failed", w.room.state.room)
+            self._call_quietly(self.m.backend.cancel, w.handle)
+            w.room.cancelled = True
+            return WriteStatus.FAILED, f"polling the write raised {describe(e)}"
+        if status == WriteStatus.DONE and time.monotonic() < w.not_before:
+            return WriteStatus.PENDING, ""
+        return status, error
+
+    def _call_quietly(self, fn, handle: object) -> None:
+        try:
+            fn(handle)
+        except Exception:
+            log.exception("prefill: %s of a write handle failed", getattr(fn, "__name__", "engine call"))
+
     def _poll_inflight(self) -> bool:
         """Resolve finished handles; True when any did."""
         m = self.m
-        still: list[tuple[PrefillRoom, object, int, float]] = []
-        touched: list[PrefillRoom] = []
-        for r, handle, nbytes, not_before in self._inflight:
-            status, error = m.backend.poll(handle)
-            if status == WriteStatus.PENDING and self._hung(r) and m.backend.cancel(handle):
-                # its room failed long ago and the engine does not give up on its own (a stopped peer)
-                status, error = WriteStatus.FAILED, "cancelled: the room failed and the write hung"
-                r.cancelled = True
-            if status == WriteStatus.PENDING or (status == WriteStatus.DONE and time.monotonic() < not_before):
-                still.append((r, handle, nbytes, not_before))
+        still: list[_Write] = []
+        resolved: list[tuple[_Write, WriteStatus, str]] = []
+        for w in self._inflight:
+            status, error = self._poll_one(w)
+            if status == WriteStatus.PENDING:
+                still.append(w)
                 continue
-            m.backend.release(handle)
-            with m._lock:
+            self._call_quietly(m.backend.release, w.handle)
+            resolved.append((w, status, error))
+        self._inflight = still
+        if not resolved:
+            return False
+        with m._lock:
+            for w, status, error in resolved:
+                r = w.room
                 r.inflight -= 1
                 if status == WriteStatus.DONE:
-                    self.bytes_total += nbytes
+                    self.bytes_total += w.nbytes
                 else:
                     m._fail(r.state.room, r, f"{m.backend.name} write failed: {error}", FailureReason.FAILED)
-            touched.append(r)
-        self._inflight = still
-        with m._lock:
-            for r in touched:
-                m._conclude(r.state.room, r)
-        return bool(touched)
+            for w, _, _ in resolved:
+                m._conclude(w.room.state.room, w.room)
+        return True
