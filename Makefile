@@ -11,9 +11,10 @@ setup:
 
 BACKEND ?= mooncake
 PORT ?= 30000
+ARGS ?=
 
 run: setup
-	$(VENV)/bin/pdserve launch --model $(MODEL) --transfer-backend $(BACKEND) --port $(PORT)
+	$(VENV)/bin/pdserve launch --model $(MODEL) --transfer-backend $(BACKEND) --port $(PORT) $(ARGS)
 
 test: setup
 	$(PY) -m ruff check .

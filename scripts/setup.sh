@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One-shot, idempotent set-up: .venv, torch first, system libraries Mooncake needs, then pdserve.
-# Quick when nothing changed (a stamp keyed on pyproject.toml and this script).
+# Quick when nothing changed (a stamp keyed on pyproject.toml, this script and scripts/pick_extras.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 STAMP="$VENV/.pdserve-setup"
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml scripts/setup.sh scripts/pick_extras.py | sha256sum | cut -c1-16)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
     exit 0
@@ -50,8 +50,24 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     fi
 fi
 
-say "installing pdserve and its dependencies"
-pip install -e ".[dev,mooncake,nixl]"
+# Extras by torch's CUDA major (scripts/pick_extras.py): dev,mooncake,nixl on CPU builds;
+# dev,mooncake-cudaNN,nixl,flashinfer for CUDA 12/13 (anything else: the CPU set, with a warning).
+extras=$("$VENV/bin/python" scripts/pick_extras.py)
+case ",$extras," in
+*,mooncake-cuda1[0-9],*)
+    # the CUDA Mooncake engine also links libmlx5 and libcurl
+    for lib in ibverbs-providers libcurl4; do
+        dpkg -s "$lib" >/dev/null 2>&1 && continue
+        if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$lib" >/dev/null
+        else
+            say "warning: $lib missing; run: sudo apt-get install $lib"
+        fi
+    done
+    ;;
+esac
+say "installing pdserve and its dependencies (.[$extras])"
+pip install -e ".[$extras]"
 
 # checkov (manifest checks in the tests) pins packaging<24, which the test stack cannot share: own venv.
 TOOLS=.venv-tools

@@ -46,12 +46,14 @@ from typing import Any
 import torch
 
 from transfer.backends.base import BackendSettings, Copy, MemoryRegion, TransferBackend, TransferError, WriteStatus
+from transfer.backends.gpu_memory import probe_mooncake, require_gpu_memory
 
 log = logging.getLogger(__name__)
 
 _INSTALL_HINT = (
     "on CPU machines install `mooncake-transfer-engine-non-cuda` (pip) plus Debian's libibverbs1 and libnuma1 "
-    "(apt-get install libibverbs1 libnuma1); on GPU clusters install `mooncake-transfer-engine`"
+    "(apt-get install libibverbs1 libnuma1); on GPU machines the build for torch's CUDA major: "
+    "`mooncake-transfer-engine` (CUDA 12) or `mooncake-transfer-engine-cuda13`"
 )
 
 # Requests per engine batch (see _submit_requests).
@@ -144,6 +146,9 @@ class MooncakeBackend(TransferBackend):
             raise TransferError("mooncake: register() called twice; register every region in one call")
         if not regions:
             raise TransferError("mooncake: register() needs at least one region")
+        if torch.device(device).type == "cuda":
+            # the CPU wheel would register device pointers as host memory and fail only at the first write
+            require_gpu_memory(probe_mooncake())
         bases = [r.base for r in regions]
         sizes = [r.nbytes for r in regions]
         # "*" lets the engine find each buffer's device/NUMA location itself: the same call serves CPU

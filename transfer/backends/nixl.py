@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from transfer.backends.base import BackendSettings, Copy, MemoryRegion, TransferBackend, TransferError, WriteStatus
+from transfer.backends.gpu_memory import probe_nixl, require_gpu_memory
 from transfer.backends.nixl_agent import PROGRESS_DELAY_US, UCX, make_agent, nixl_error
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ class NixlBackend(TransferBackend):
                     raise TransferError(f"NIXL backend: invalid region {i}: {r}")
             device = torch.device(device)
             if device.type == "cuda":
+                require_gpu_memory(probe_nixl(self._ucx_mem_types()))
                 self._mem_type = "VRAM"
                 self._dev_id = device.index if device.index is not None else torch.cuda.current_device()
             elif device.type == "cpu":
@@ -177,6 +179,13 @@ class NixlBackend(TransferBackend):
             self._regions = list(regions)
             self._offsets = _offsets(regions)
             self._registered = True
+
+    def _ucx_mem_types(self) -> list[str] | None:
+        try:
+            return list(self._agent.get_backend_mem_types(UCX))
+        except Exception as e:  # an older NIXL without the query: decide on the other facts
+            log.info("NIXL: cannot list the UCX memory types (%s)", e)
+            return None
 
     def _prep(self, agent: Any, regions: list[MemoryRegion], mem_type: str, dev_id: int) -> Any:
         if self._compressed:
