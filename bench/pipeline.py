@@ -7,12 +7,17 @@ the writes to a bandwidth that gives the wanted T/C (T: transfer time of the req
 time, measured first). TTFT here is from the start of the forward until every write of the room, aux row
 included, has landed on decode (the moment decode can emit the first token).
 
+On a GPU (`--device cuda`) the prefill pool is in VRAM, the layer groups' events are real CUDA events the
+transfer worker waits on, and the model runs in bfloat16 (FlashInfer has no float32 kernels).
+
     .venv/bin/python bench/pipeline.py [--backend mooncake] [--lengths 256,1024,4096] [--ratios 0.25,0.5,1,2]
+    python3 bench/pipeline.py --device cuda --backend nixl
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -38,17 +43,31 @@ def progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def engine_config(model: str, pages: int, device: str, dtype: str | None, attention_backend: str) -> EngineConfig:
+    """The prefill engine: only prefill runs here, so no decode graphs are captured (start-up time)."""
+    if device != "cpu" and dtype is None:
+        dtype = "bfloat16"  # the built-in models are float32, which FlashInfer cannot run
+    kw: dict = dict(model=model, device=device, dtype=dtype, attention_backend=attention_backend, num_pages=pages,
+                    max_prefill_tokens=1 << 16)  # fmt: skip
+    if "disable_cuda_graph" in {f.name for f in dataclasses.fields(EngineConfig)}:
+        kw["disable_cuda_graph"] = True
+    return EngineConfig(**kw)
+
+
 class Bench:
-    def __init__(self, model: str, backend: str, pages: int) -> None:
-        self.engine = Engine(EngineConfig(model=model, device="cpu", num_pages=pages, max_prefill_tokens=1 << 16))
+    def __init__(self, model: str, backend: str, pages: int, device: str = "cpu", dtype: str | None = None,
+                 attention_backend: str = "auto") -> None:  # fmt: skip
+        self.engine = Engine(engine_config(model, pages, device, dtype, attention_backend))
         layout = self.engine.pool.layout
+        # a peer that can hold its pool in VRAM takes `device` (the real decode side); on CPU nothing changes
+        where = {"device": self.engine.device.type} if self.engine.device.type != "cpu" else {}
         self.boot = BootstrapServer("127.0.0.1", 0).start()
         self.addr = f"127.0.0.1:{self.boot.port}"
         self.mgr = PrefillTransferManager(TransferConfig(backend=backend), self.engine.pool, bootstrap_addr=self.addr)
         self.decode = PeerProc(
             role="decode", backend=backend, num_layers=layout.num_layers, page_size=layout.page_size,
             num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, num_pages=pages,
-            dtype=layout.dtype_name,
+            dtype=layout.dtype_name, **where,
         )  # fmt: skip
         self.room = 0
         self.bytes_per_token = self.engine.model_config.kv_bytes_per_token
@@ -124,6 +143,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:bench-llama")
     ap.add_argument("--backend", default="mooncake", choices=["mooncake", "nixl"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where the prefill runs")
+    ap.add_argument("--dtype", default=None, help="model dtype (default: the checkpoint's on CPU, bfloat16 on CUDA)")
+    ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flashinfer"])
     ap.add_argument("--lengths", default="256,1024,4096")
     ap.add_argument("--ratios", default="0.25,0.5,1,2", help="T/C values to emulate")
     ap.add_argument("--concurrency", type=int, default=8, help="requests in the batch of the 1K-token row")
@@ -133,8 +155,11 @@ def main() -> None:
     ratios = [float(x) for x in args.ratios.split(",")]
 
     pages = max(max(lengths), 1024 * args.concurrency) // 16 + 64
-    progress(f"starting ({args.model}, {args.backend}); decode runs in its own process")
-    bench = Bench(args.model, args.backend, pages)
+    progress(f"starting ({args.model}, {args.backend}, {args.device}); decode runs in its own process")
+    bench = Bench(args.model, args.backend, pages, args.device, args.dtype, args.attention_backend)
+    eng = bench.engine
+    where = f"{eng.device} ({eng.runner.attn.name}, {eng.pool.layout.dtype_name})"
+    where = "CPU" if eng.device.type == "cpu" else where
     whole = PipelineSettings(enabled=False)
     piped = PipelineSettings()
     rows: list[tuple] = []
@@ -169,7 +194,7 @@ def main() -> None:
     finally:
         bench.close()
 
-    print(f"\nlayer-pipelined prefill, {args.model} on CPU, {args.backend} over loopback with link emulation")
+    print(f"\nlayer-pipelined prefill, {args.model} on {where}, {args.backend} over loopback with link emulation")
     print(f"{'tokens':>6} {'reqs':>4} {'T/C':>5} {'C ms':>7} {'T ms':>7} {'whole ms':>9} {'piped ms':>9} "
           f"{'ratio':>6} {'N':>3} {'bound ms':>9} {'eff':>5}")  # fmt: skip
     for length, count, ratio, c, t, w, p, n, bound, eff in rows:
