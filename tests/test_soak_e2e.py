@@ -230,7 +230,14 @@ def soak(url: str) -> list[int]:
 
 
 def footprint(stack: Stack) -> dict[str, tuple[int, int]]:
-    return {p.name: (p.rss_bytes(), p.open_fds()) for p in stack.procs}
+    """RSS and the fewest open fds over a few samples: sockets mid-close (health probes, ZMQ reconnects)
+    come and go by a handful between two reads, a leak stays in every one."""
+    fds: dict[str, int] = {}
+    for _ in range(5):
+        for p in stack.procs:
+            fds[p.name] = min(fds.get(p.name, 1 << 30), p.open_fds())
+        time.sleep(0.4)
+    return {p.name: (p.rss_bytes(), fds[p.name]) for p in stack.procs}
 
 
 def test_a_second_soak_grows_nothing(stack: Stack) -> None:
@@ -249,4 +256,6 @@ def test_a_second_soak_grows_nothing(stack: Stack) -> None:
         rss_growth = sizes[2][name][0] - sizes[1][name][0]
         fd_growth = sizes[2][name][1] - max(sizes[0][name][1], sizes[1][name][1])
         assert rss_growth < 16 * mib, f"{name} grew {rss_growth / mib:.1f} MiB over a soak: {report}"
-        assert fd_growth <= 4, f"{name} holds {fd_growth} more open files after a soak: {report}"
+        # Up to one keep-alive connection per concurrent client may outlive the pause (the router's pool
+        # reaps idle connections lazily); a leak per request would be ~SOAK_REQUESTS, far above this.
+        assert fd_growth <= SOAK_CONCURRENCY, f"{name} holds {fd_growth} more open files after a soak: {report}"

@@ -160,10 +160,9 @@ class TransferWorker:
     def _submit(self, chunk: Chunk) -> None:
         m = self.m
         with m._lock:
-            r = m._rooms.get(chunk.room)
+            r = self._claim(chunk)
             if r is None:
                 return
-            r.pending -= 1
             plan = self._plan(chunk, r)
             if not plan:  # the room ended (or just failed): maybe it drained now
                 m._conclude(chunk.room, r)
@@ -228,14 +227,20 @@ class TransferWorker:
         self._link_free_at = max(time.monotonic(), self._link_free_at) + nbytes * 8 / (gbps * 1e9)
         return self._link_free_at
 
+    def _claim(self, chunk: Chunk) -> PrefillRoom | None:
+        """With the lock held: the chunk's room, the chunk no longer counted as pending (None: room gone)."""
+        r = self.m._rooms.get(chunk.room)
+        if r is not None:
+            r.pending -= 1
+        return r
+
     def _drop(self, chunk: Chunk, error: str) -> None:
         """A queued chunk that will never be submitted: its room fails."""
         m = self.m
         with m._lock:
-            r = m._rooms.get(chunk.room)
+            r = self._claim(chunk)
             if r is None:
                 return
-            r.pending -= 1
             m._fail(chunk.room, r, error, FailureReason.FAILED)
             m._conclude(chunk.room, r)
 
