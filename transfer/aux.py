@@ -72,7 +72,14 @@ class AuxBuffer:
         """Return `row`. `clear` zeroes it first, so a stale row never passes decode's room check; prefill,
         whose rows are only ever sent after being written whole, skips that kernel launch."""
         if clear:
-            self.tensor[row].zero_()
+            if self._read_stream is None:
+                self.tensor[row].zero_()
+            else:
+                # On the side stream, waited for: queued on the compute stream, the zeroing could run after the
+                # row was allocated again and the next room's RDMA write landed, and erase that write.
+                with self._read_lock, torch.cuda.stream(self._read_stream):
+                    self.tensor[row].zero_()
+                    self._read_stream.synchronize()
         with self._lock:
             if row in self._free:
                 raise ValueError(f"aux row {row} freed twice")
