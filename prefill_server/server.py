@@ -6,6 +6,7 @@ package owns the choice of scheduler so that `serving` never imports a server.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from serving.launch import ServerSettings, run_server
@@ -28,4 +29,7 @@ def run_prefill(settings: ServerSettings) -> int:
     """Run a prefill server until SIGTERM; returns the process exit status."""
     if settings.role != "prefill":
         raise ValueError(f"run_prefill needs role 'prefill', got {settings.role!r}")
+    # A prefill server runs no decode batch (it samples each prompt's first token and hands the rest on), so
+    # decode graphs would only cost start-up time and memory.
+    settings = replace(settings, engine=replace(settings.engine, disable_cuda_graph=True))
     return run_server(settings, make_scheduler)
