@@ -188,7 +188,6 @@ class GraphRunner:
         )
 
     def _body(self, batch: ForwardBatch) -> torch.Tensor:
+        # not a LayerwiseForward: its prepare() would plan the eager wrapper, not this bucket's graph buffers
         model = self.runner.model
-        hidden = model.embed(batch.input_ids)
-        hidden = model.run_layers(hidden, model.rope_tables(batch.positions), 0, model.num_layers, self.runner.attn)
-        return model.logits(hidden)
+        return model.logits(model.forward(batch.input_ids, batch.positions, self.runner.attn))

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from engine.attention.base import AttentionBackend
 from engine.batch import ForwardBatch, ForwardMode
 from engine.device import to_device
-from engine.kvcache import pages_for
 
 
 @dataclass
@@ -61,11 +60,9 @@ class TorchAttention(AttentionBackend):
         # Built on the host from the batch's lists and copied once: no device value is read back.
         seq_lens = batch.seq_lens
         max_len = max(seq_lens)
-        ps = batch.page_size
         slots = torch.zeros(batch.batch_size, max_len, dtype=torch.int64)
-        for i, (table, n) in enumerate(zip(batch.page_tables, seq_lens, strict=True)):
-            pages = torch.tensor(table[: pages_for(n, ps)], dtype=torch.int64)
-            slots[i, :n] = (pages[:, None] * ps + torch.arange(ps, dtype=torch.int64)).flatten()[:n]
+        for i, n in enumerate(seq_lens):
+            slots[i, :n] = torch.tensor(batch.kv_slot_list(i), dtype=torch.int64)
         lens = to_device(seq_lens, torch.int64, batch.device)
         k_pos = torch.arange(max_len, device=batch.device)[None, :]
         q_pos = (lens - 1)[:, None]
