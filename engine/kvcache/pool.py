@@ -25,9 +25,15 @@ class KVLayout:
 
     num_layers: int
     page_size: int
-    num_kv_heads: int
+    num_kv_heads: int  # the heads this pool holds (one rank's share under tensor parallelism)
     head_dim: int
     dtype: torch.dtype
+    kv_head_start: int = 0  # the first of the model's KV heads held here
+    total_kv_heads: int | None = None  # the model's KV heads (None: all of them are held here)
+
+    @property
+    def model_kv_heads(self) -> int:
+        return self.num_kv_heads if self.total_kv_heads is None else self.total_kv_heads
 
     @property
     def dtype_name(self) -> str:
