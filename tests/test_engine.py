@@ -77,7 +77,7 @@ def test_layer_range_forward_equals_full(engine: Engine, splits: list[int], mode
             fwd.run_layers(a, b)
         logits.append(fwd.logits(all_tokens=True))
         slots = torch.cat([batch.kv_slots(i) for i in range(3)])
-        pools.append([engine.pool.flat_k(layer)[slots].clone() for layer in range(6)])
+        pools.append([engine.pool.gather_k(layer, slots) for layer in range(6)])
         for p in pages:
             alloc.free(p)
     assert torch.equal(logits[0], logits[1])

@@ -55,3 +55,27 @@ def test_pool_layer_buffers_are_single_regions():
         assert k[7].data_ptr() == k_addr + 7 * pool.page_bytes
     with pytest.raises(ValueError, match="holds no page"):
         KVPool.for_budget(layout, budget_bytes=100)
+
+
+def test_pool_is_hnd_so_a_head_range_of_a_page_is_contiguous():
+    layout = KVLayout(num_layers=1, page_size=4, num_kv_heads=3, head_dim=8, dtype=torch.float16)
+    pool = KVPool(layout, num_pages=5)
+    k = pool.k[0]
+    assert k.shape == (6, 3, 4, 8)  # [pages + 1 (scratch last), heads, page_size, head_dim]
+    assert layout.head_bytes == 4 * 8 * 2 and pool.page_bytes == 3 * layout.head_bytes
+    # head h of page p is item p * heads + h of the buffer, in head_bytes units
+    assert k[2, 1].data_ptr() == k.data_ptr() + (2 * 3 + 1) * layout.head_bytes
+    assert k[2, 1:3].is_contiguous()
+
+
+def test_store_and_gather_by_slot_are_token_major():
+    layout = KVLayout(num_layers=2, page_size=4, num_kv_heads=2, head_dim=3, dtype=torch.float32)
+    pool = KVPool(layout, num_pages=6)
+    slots = torch.tensor([9, 2, 23, 10])  # page 2 offset 1, page 0 offset 2, page 5 offset 3, page 2 offset 2
+    k, v = torch.randn(4, 2, 3), torch.randn(4, 2, 3)
+    pool.store(1, slots, k, v)
+    assert torch.equal(pool.k[1][2, :, 1], k[0]) and torch.equal(pool.v[1][5, :, 3], v[2])
+    assert torch.equal(pool.gather_k(1, slots), k) and torch.equal(pool.gather_v(1, slots), v)
+    assert torch.equal(pool.gather_k(1, slots.view(2, 2)), k.view(2, 2, 2, 3))  # any slot shape
+    assert not pool.k[0].any()  # other layers untouched
+    assert int((pool.k[1] != 0).sum()) == 4 * 2 * 3

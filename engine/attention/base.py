@@ -44,6 +44,4 @@ class AttentionBackend(ABC):
 
     def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         assert self.batch is not None, "prepare() must run before forward()"
-        loc = self.batch.out_cache_loc
-        self.pool.flat_k(layer).index_copy_(0, loc, k.to(self.pool.layout.dtype))
-        self.pool.flat_v(layer).index_copy_(0, loc, v.to(self.pool.layout.dtype))
+        self.pool.store(layer, self.batch.out_cache_loc, k, v)

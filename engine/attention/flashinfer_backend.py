@@ -1,7 +1,11 @@
 """FlashInfer paged attention (CUDA only; optional dependency, written against flashinfer-python 0.7.4).
 
-The pool's per-layer [pages, page_size, kv_heads, head_dim] buffers are FlashInfer's "NHD" paged layout,
-so the kernels read pages in place. Plans are made once per batch from host inputs (page counts and
+The pool's per-layer [pages, kv_heads, page_size, head_dim] buffers are FlashInfer's "HND" paged layout
+(heads outermost within a page, so a head range of a page is contiguous for the KV transfer across TP sizes),
+so the kernels read pages in place: both wrappers are built with kv_layout "HND" and run on the (K, V) tuple of
+a layer. New tokens are stored by the pool itself (`KVPool.store`, shared with the torch backend), not by
+FlashInfer's append kernel. The HND path is written against 0.7.4's documented API and is unverified until the
+device check (bench/gpu_check.py) runs on a GPU. Plans are made once per batch from host inputs (page counts and
 last-page lengths live on the host anyway; the page indices go to the device in one non-blocking copy),
 so preparing a batch never waits for the GPU. Kernel families are fixed rather than left to FlashInfer's
 `auto` (which can pick cuDNN or other paths with their own dependencies): prefill runs fa3 on Hopper and fa2
@@ -21,6 +25,7 @@ from engine.device import pinned, to_device
 from engine.kvcache import KVPool, pages_for
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
+KV_LAYOUT = "HND"  # the pool's layout (engine/kvcache/pool.py): [pages, kv_heads, page_size, head_dim]
 
 
 def prefill_kernel_family(device: torch.device, head_dim: int) -> str:
@@ -41,7 +46,7 @@ class FlashInferAttention(AttentionBackend):
         self._workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=pool.device)
         self.prefill_family = prefill_kernel_family(pool.device, self.head_dim)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
-            self._workspace, "NHD", backend=self.prefill_family
+            self._workspace, KV_LAYOUT, backend=self.prefill_family
         )
         self._decode = self._decode_wrapper()
         self._graph_decode: dict[int, Any] = {}  # captured batch size -> its CUDA-graph decode wrapper
@@ -64,7 +69,7 @@ class FlashInferAttention(AttentionBackend):
                 paged_kv_last_page_len_buffer=torch.zeros(graph_batch_size, dtype=i32, device=dev),
             )
         return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self._workspace, "NHD", use_tensor_cores=True, backend="fa2", **kwargs
+            self._workspace, KV_LAYOUT, use_tensor_cores=True, backend="fa2", **kwargs
         )
 
     def _paged_inputs(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,5 +115,5 @@ class FlashInferAttention(AttentionBackend):
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.store_kv(layer, k, v)
-        cache = (self.pool.k[layer], self.pool.v[layer])
+        cache = (self.pool.k[layer], self.pool.v[layer])  # each [pages + 1, kv_heads, page_size, head_dim]
         return self._active.run(q.to(self.pool.layout.dtype).contiguous(), cache)

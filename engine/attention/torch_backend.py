@@ -92,8 +92,8 @@ class TorchAttention(AttentionBackend):
             if meta.kv_slots[i] is None:
                 ki, vi = k[s : s + n], v[s : s + n]
             else:
-                ki = self.pool.flat_k(layer)[meta.kv_slots[i]]
-                vi = self.pool.flat_v(layer)[meta.kv_slots[i]]
+                ki = self.pool.gather_k(layer, meta.kv_slots[i])
+                vi = self.pool.gather_v(layer, meta.kv_slots[i])
             ki = ki.to(q.dtype).transpose(0, 1).unsqueeze(0)
             vi = vi.to(q.dtype).transpose(0, 1).unsqueeze(0)
             mask = meta.masks[i]
@@ -104,8 +104,8 @@ class TorchAttention(AttentionBackend):
         return out
 
     def _decode(self, layer: int, q: torch.Tensor, meta: _DecodeMeta) -> torch.Tensor:
-        k = self.pool.flat_k(layer)[meta.slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, S, D]
-        v = self.pool.flat_v(layer)[meta.slots].to(q.dtype).transpose(1, 2)
+        k = self.pool.gather_k(layer, meta.slots).to(q.dtype).transpose(1, 2)  # [B, Hkv, S, D]
+        v = self.pool.gather_v(layer, meta.slots).to(q.dtype).transpose(1, 2)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), k, v, attn_mask=meta.mask, scale=self.scale, enable_gqa=True
         )  # [B, Hq, 1, D]

@@ -1,8 +1,14 @@
 """The paged KV pool.
 
-Each layer has one contiguous K buffer and one V buffer of shape [num_pages, page_size, kv_heads, head_dim],
-so page i of layer l starts at `base(l) + i * page_bytes`: each buffer is a single memory region that a
-transfer engine can register once, and a page run is one (address, length) descriptor.
+Each layer has one contiguous K buffer and one V buffer in the "HND" layout,
+[num_pages + 1, kv_heads, page_size, head_dim] (the last page is scratch), so page i of layer l starts at
+`base(l) + i * page_bytes` and head h of that page at `+ h * head_bytes`: each buffer is a single memory region
+that a transfer engine registers once, a page run is one (address, length) descriptor, and so is any range of
+heads of one page (what a decode rank of another TP size owns). The transfer layer's unit is one head of one
+page (`head_bytes`), so both sides agree on it whatever their TP sizes.
+
+Attention reaches the buffers through `store` (the new tokens' K/V into their slots) and `gather_k`/`gather_v`
+(K/V of given slots, token-major); a slot is `page * page_size + offset`, as the batch builds it.
 """
 
 from __future__ import annotations
@@ -51,9 +57,14 @@ class KVLayout:
         }
 
     @property
-    def page_bytes(self) -> int:
+    def head_bytes(self) -> int:
+        """Bytes of one KV head of one page: the transfer layer's item, the same on every rank of any TP size."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return self.page_size * self.num_kv_heads * self.head_dim * itemsize
+        return self.page_size * self.head_dim * itemsize
+
+    @property
+    def page_bytes(self) -> int:
+        return self.num_kv_heads * self.head_bytes
 
 
 class KVPool:
@@ -64,7 +75,7 @@ class KVPool:
         # One physical page more than the allocator hands out: the scratch page, which nothing owns. Padding
         # rows of a CUDA-graph decode batch write their (discarded) KV there, never into a request's page.
         self.scratch_page = num_pages
-        shape = (num_pages + 1, layout.page_size, layout.num_kv_heads, layout.head_dim)
+        shape = (num_pages + 1, layout.num_kv_heads, layout.page_size, layout.head_dim)  # HND
         self.k = [torch.zeros(shape, dtype=layout.dtype, device=self.device) for _ in range(layout.num_layers)]
         self.v = [torch.zeros(shape, dtype=layout.dtype, device=self.device) for _ in range(layout.num_layers)]
         self.allocator = PageAllocator(num_pages)
@@ -80,12 +91,21 @@ class KVPool:
     def pages_for(self, num_tokens: int) -> int:
         return pages_for(num_tokens, self.page_size)
 
-    def flat_k(self, layer: int) -> torch.Tensor:
-        """[(num_pages + 1) * page_size, kv_heads, head_dim] view: one row per token slot (scratch page last)."""
-        return self.k[layer].view(-1, self.layout.num_kv_heads, self.layout.head_dim)
+    def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the K/V of new tokens, k and v [T, kv_heads, head_dim], into `slots` [T] (int64, on the pool's
+        device; page * page_size + offset). Device work only: no host sync, so it runs inside a CUDA graph."""
+        page, offset = slots // self.page_size, slots % self.page_size
+        dtype = self.layout.dtype
+        # advanced indices around a slice: the indexed view is [T, kv_heads, head_dim], the same as k and v
+        self.k[layer][page, :, offset] = k.to(dtype)
+        self.v[layer][page, :, offset] = v.to(dtype)
 
-    def flat_v(self, layer: int) -> torch.Tensor:
-        return self.v[layer].view(-1, self.layout.num_kv_heads, self.layout.head_dim)
+    def gather_k(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """K of `slots` (any shape [...]) as [..., kv_heads, head_dim]: a copy, token-major."""
+        return self.k[layer][slots // self.page_size, :, slots % self.page_size]
+
+    def gather_v(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        return self.v[layer][slots // self.page_size, :, slots % self.page_size]
 
     def buffer_addresses(self) -> list[tuple[int, int]]:
         """(K base address, V base address) per layer, for registering with a transfer engine."""
