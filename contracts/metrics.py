@@ -146,6 +146,7 @@ class Metrics:
     request_stage: Histogram  # pdserve_request_stage_seconds{role,stage}
     kv_transfer_seconds: Histogram  # pdserve_kv_transfer_seconds{role}
     kv_transfer_bytes: Counter  # pdserve_kv_transfer_bytes_total{role}
+    kv_transfer_rank_bytes: Counter  # pdserve_kv_transfer_rank_bytes_total{role,tp_rank}
     kv_transfer_failures: Counter  # pdserve_kv_transfer_failures_total{role,stage,reason}
     requests: Counter  # pdserve_requests_total{role,status}
     prefill_batches: Counter  # pdserve_prefill_batches_total{mode}
@@ -240,6 +241,12 @@ def _build(multiproc: bool) -> Metrics:
             "pdserve_kv_transfer_bytes",
             "KV cache bytes transferred between prefill and decode.",
             ["role"],
+            registry=reg,
+        ),
+        kv_transfer_rank_bytes=Counter(
+            "pdserve_kv_transfer_rank_bytes",
+            "KV cache bytes written by one tensor-parallel rank of a prefill server.",
+            ["role", "tp_rank"],
             registry=reg,
         ),
         kv_transfer_failures=Counter(

@@ -90,6 +90,7 @@ class DecodeScheduler(SchedulerLoop):
             self.fail(rid, "aborted", 499)
 
     def step(self) -> bool:
+        self.sync.refresh()  # every rank sees the same room states from here on (serving/rank_sync.py)
         worked = self._admit()
         worked |= self._poll_transfers()
         self.reaper.reap()
@@ -152,9 +153,10 @@ class DecodeScheduler(SchedulerLoop):
         addr = f"{msg.bootstrap_host}:{msg.bootstrap_port or DEFAULT_BOOTSTRAP_PORT}"
         prompt_pages = self.engine.pool.pages_for(len(p.req.prompt_ids))
         assert msg.bootstrap_room is not None
-        return self.transfer.create_receiver(
+        receiver = self.transfer.create_receiver(
             msg.bootstrap_room, addr, p.req.pages[:prompt_pages], len(p.req.prompt_ids)
         )
+        return self.sync.track(receiver)
 
     def _unadmit(self, p: _Pending) -> None:
         """Give back the pages of a request whose room was never created (no write can target them)."""

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from contracts.metrics import BatchMode, Role, Stage
+from contracts.metrics import BatchMode, Role, Stage, get_metrics
 from engine.engine import Engine
 from engine.request import Request
 from engine.sampling import NON_FINITE_LOGITS, SamplingParams
@@ -60,8 +60,11 @@ class PrefillScheduler(SchedulerLoop):
         super().__init__(engine, ipc_in, ipc_out)
         self.pipeline = pipeline or PipelineSettings()
         self._bytes_counted = 0
-        self.bootstrap = BootstrapServer(bootstrap_host, bootstrap_port).start()
-        addr = f"127.0.0.1:{self.bootstrap.port}"
+        # Rank 0 runs the bootstrap server; every rank (rank 0 too) registers its own entry there, once the
+        # server is up (the barrier), and the server answers decode only once all of them did.
+        self.bootstrap = BootstrapServer(bootstrap_host, bootstrap_port).start() if self.sync.leader else None
+        self.sync.barrier()
+        addr = f"127.0.0.1:{self.bootstrap.port if self.bootstrap else bootstrap_port}"
         self.transfer = PrefillTransferManager(transfer_cfg, engine.pool, bootstrap_addr=addr)
         # Every live job by rid, whichever stage holds it (bootstrapping, waiting, a batch, inflight); a job
         # leaves it exactly when it is answered (`_forget`), so it is empty whenever nothing is in flight.
@@ -71,7 +74,8 @@ class PrefillScheduler(SchedulerLoop):
         self.inflight: dict[str, _Job] = {}
 
     def info(self) -> dict:
-        return {**super().info(), "bootstrap_port": self.bootstrap.port, "transfer_backend": self.transfer.cfg.backend}
+        port = self.bootstrap.port if self.bootstrap else None
+        return {**super().info(), "bootstrap_port": port, "transfer_backend": self.transfer.cfg.backend}
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -89,7 +93,7 @@ class PrefillScheduler(SchedulerLoop):
         job = _Job(req, msg, None)
         if msg.bootstrap_room is not None:
             try:
-                job.sender = self.transfer.create_sender(msg.bootstrap_room)
+                job.sender = self.sync.track(self.transfer.create_sender(msg.bootstrap_room))
             except DuplicateRoomError as e:
                 self.reject(msg.rid, str(e), 400, len(msg.input_ids))
                 return
@@ -152,6 +156,7 @@ class PrefillScheduler(SchedulerLoop):
     # -- the loop -------------------------------------------------------------------------------------
 
     def _step(self) -> bool:
+        self.sync.refresh()  # every rank sees the same room states from here on (serving/rank_sync.py)
         worked = self._poll_bootstrap()
         self._poll_waiting()
         batch = self._next_batch()
@@ -303,7 +308,11 @@ class PrefillScheduler(SchedulerLoop):
         worked = self._step()
         sent = self.transfer.bytes_total
         if sent > self._bytes_counted:
-            self.metrics.kv_transfer_bytes.labels(self.role.value).inc(sent - self._bytes_counted)
+            # every rank writes its own KV: the total adds them up, the per-rank counter tells them apart
+            get_metrics().kv_transfer_bytes.labels(self.role.value).inc(sent - self._bytes_counted)
+            get_metrics().kv_transfer_rank_bytes.labels(self.role.value, str(self.sync.rank)).inc(
+                sent - self._bytes_counted
+            )
             self._bytes_counted = sent
         return worked
 

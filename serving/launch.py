@@ -20,11 +20,12 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from serving.scheduler_loop import SchedulerLoop
 
 log = logging.getLogger(__name__)
+
+RANK_ENV = "PDSERVE_SCHEDULER_RANK"  # set in each scheduler process: its tensor-parallel rank
 
 
 @dataclass
@@ -84,12 +87,29 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
-def _scheduler_main(settings: ServerSettings, make_scheduler: MakeScheduler, ipc_in: str, ipc_out: str) -> None:
+def _scheduler_main(
+    settings: ServerSettings,
+    make_scheduler: MakeScheduler,
+    ipc_in: str,
+    ipc_out: str,
+    rank: int = 0,
+    init_address: str = "",
+) -> None:
+    """One rank's scheduler process: its process group (tp > 1), its engine shard, its scheduler."""
     _exit_with_parent()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s"
+    )
     from engine.engine import Engine
 
-    make_scheduler(Engine(settings.engine), settings, ipc_in, ipc_out).run()
+    size = settings.engine.tp_size
+    tp = None
+    if size > 1:
+        from engine.distributed import init_tp_group
+
+        tp = init_tp_group(rank, size, init_address, settings.engine, settings.engine.dist_timeout_s)
+        settings = replace(settings, transfer=replace(settings.transfer, tp_rank=rank, tp_size=size))
+    make_scheduler(Engine(settings.engine, tp), settings, ipc_in, ipc_out).run()
 
 
 def run_server(settings: ServerSettings, make_scheduler: MakeScheduler) -> int:
@@ -111,7 +131,7 @@ def _serve(settings: ServerSettings, make_scheduler: MakeScheduler, crashed: thr
 
     model_dir = resolve_model(settings.engine.model)  # generate a built-in model once, before the child races
     run_dir = Path(tempfile.mkdtemp(prefix=f"pdserve-{settings.role}-"))
-    child: mp.process.BaseProcess | None = None
+    children: list[mp.process.BaseProcess] = []
     stopping = threading.Event()
     try:
         metrics_dir = run_dir / "metrics"
@@ -121,15 +141,27 @@ def _serve(settings: ServerSettings, make_scheduler: MakeScheduler, crashed: thr
         setup_multiprocess(str(metrics_dir), clear=True)  # inherited by the child through the environment
         ipc_in, ipc_out = f"ipc://{run_dir}/to-scheduler", f"ipc://{run_dir}/from-scheduler"
 
+        # One scheduler process per tensor-parallel rank; rank 0 talks to the front. Any of them dying takes
+        # the server down (the watchers), so a half server never answers /health.
         ctx = mp.get_context("spawn")
-        child = ctx.Process(
-            target=_scheduler_main,
-            args=(settings, make_scheduler, ipc_in, ipc_out),
-            name=f"{settings.role}-scheduler",
-        )
-        child.start()
-        watch = threading.Thread(target=_watch_child, args=(child, stopping, crashed, settings.role), daemon=True)
-        watch.start()
+        tp_size = settings.engine.tp_size
+        init_address = f"tcp://127.0.0.1:{_free_port()}" if tp_size > 1 else ""
+        for rank in range(tp_size):
+            child = ctx.Process(
+                target=_scheduler_main,
+                args=(settings, make_scheduler, ipc_in, ipc_out, rank, init_address),
+                name=f"{settings.role}-scheduler" + (f"-rank{rank}" if tp_size > 1 else ""),
+            )
+            # spawned children inherit the environment: the rank in it names the process for operators and
+            # tests (`/proc/<pid>/environ`) without parsing command lines
+            os.environ[RANK_ENV] = str(rank)
+            try:
+                child.start()
+            finally:
+                os.environ.pop(RANK_ENV, None)
+            children.append(child)
+            watch = threading.Thread(target=_watch_child, args=(child, stopping, crashed, settings.role), daemon=True)
+            watch.start()
 
         from serving.front import FrontConfig, run_front
 
@@ -153,8 +185,10 @@ def _serve(settings: ServerSettings, make_scheduler: MakeScheduler, crashed: thr
         # A second SIGTERM must not cut the cleanup short; it is bounded by the joins below.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stopping.set()
-        if child is not None and child.is_alive():
-            child.terminate()
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+        for child in children:
             child.join(timeout=10)
             if child.is_alive():
                 child.kill()
@@ -167,8 +201,15 @@ def _watch_child(child: mp.process.BaseProcess, stopping: threading.Event, crash
     child.join()
     if not stopping.is_set():
         crashed.set()
-        log.error("%s scheduler exited (code %s); shutting the server down", role, child.exitcode)
+        log.error("%s %s exited (code %s); shutting the server down", role, child.name, child.exitcode)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _free_port() -> int:
+    """A free local port for the ranks' process-group rendezvous (rank 0's TCP store)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _server_args(s: ServerSettings) -> dict[str, Any]:
@@ -178,5 +219,5 @@ def _server_args(s: ServerSettings) -> dict[str, Any]:
         "transfer_backend": t.backend, "advertise_host": t.host, "page_size": e.page_size,
         "max_batch_size": e.max_batch_size, "max_prefill_tokens": e.max_prefill_tokens, "device": e.device,
         "pipeline": vars(s.pipeline), "emulated_link_gbps": t.emulated_link_gbps, "started": time.time(),
-        "max_body_bytes": s.max_body_bytes, **s.extra,
+        "max_body_bytes": s.max_body_bytes, "tp_size": e.tp_size, **s.extra,
     }  # fmt: skip

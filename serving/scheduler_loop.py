@@ -7,6 +7,10 @@ answering the front (`emit`, `fail`) and giving up on a failed transfer (`fail_t
 
 A message from the front that does not decode (another protocol version, an unknown type, garbage) is
 logged and dropped: one bad message must not take the scheduler, and every request it holds, down.
+
+Under tensor parallelism every rank runs this loop (serving/rank_sync.py): rank 0 alone talks to the front
+and broadcasts what it read each turn, so every rank dispatches the same messages in the same order; the
+other ranks send nothing back and count no request metrics (rank 0 counts each request once).
 """
 
 from __future__ import annotations
@@ -23,11 +27,30 @@ from engine.engine import Engine
 from engine.request import Request
 from serving.ipc import AbortRequest, GenerateRequest, IpcMessage, Ready, RequestOutput, SchedulerStats, pack, unpack
 from serving.page_reaper import PageReaper, TransferHandle
+from serving.rank_sync import RankSync
 
 log = logging.getLogger(__name__)
 
 _STATS_EVERY_S = 0.5
 _IDLE_WAIT_MS = 2
+# With several ranks every loop turn is a broadcast from rank 0: idle turns wait a little longer so an idle
+# server does not spend its CPUs on collectives (a message still wakes rank 0 at once).
+_IDLE_WAIT_TP_MS = 10
+
+
+class _NullMetric:
+    """What the metrics of a rank other than 0 are: rank 0 counts each request, once."""
+
+    def labels(self, *args: Any, **kwargs: Any) -> _NullMetric:
+        return self
+
+    def __getattr__(self, name: str) -> Any:  # inc, observe, set, ...
+        return lambda *args, **kwargs: None
+
+
+class _NullMetrics:
+    def __getattr__(self, name: str) -> _NullMetric:
+        return _NullMetric()
 
 
 class SchedulerLoop:
@@ -35,15 +58,18 @@ class SchedulerLoop:
 
     def __init__(self, engine: Engine, ipc_to_scheduler: str, ipc_from_scheduler: str) -> None:
         self.engine = engine
-        self.metrics = get_metrics()
-        self.reaper = PageReaper(engine.pool.allocator, self.metrics, self.role)
+        self.sync = RankSync(getattr(engine, "tp", None))
+        self.metrics = get_metrics() if self.sync.leader else _NullMetrics()
+        self.reaper = PageReaper(engine.pool.allocator, self.metrics, self.role)  # type: ignore[arg-type]
         self._ctx = zmq.Context()
         self._in = self._ctx.socket(zmq.PULL)
-        self._in.connect(ipc_to_scheduler)
         self._out = self._ctx.socket(zmq.PUSH)
-        self._out.connect(ipc_from_scheduler)
+        if self.sync.leader:  # the other ranks hear the front through rank 0
+            self._in.connect(ipc_to_scheduler)
+            self._out.connect(ipc_from_scheduler)
         self._poller = zmq.Poller()
         self._poller.register(self._in, zmq.POLLIN)
+        self._idle_wait_ms = _IDLE_WAIT_MS if self.sync.single else _IDLE_WAIT_TP_MS
         self._sent: dict[str, tuple[int, int]] = {}  # rid -> (tokens, text chars) already sent to the front
         self._last_stats = 0.0
 
@@ -66,6 +92,7 @@ class SchedulerLoop:
         cfg = self.engine.model_config
         return {
             "role": self.role.value,
+            "tp_size": self.sync.size,
             "architecture": cfg.architecture,
             "num_layers": cfg.num_layers,
             "vocab_size": cfg.vocab_size,
@@ -85,8 +112,10 @@ class SchedulerLoop:
 
     def run_once(self) -> None:
         """One turn of the loop: take every waiting message, step, send stats when due, idle briefly."""
-        while self._in.poll(0):
-            data = self._in.recv()
+        inbox: list[bytes] = []
+        while self.sync.leader and self._in.poll(0):
+            inbox.append(self._in.recv())
+        for data in self.sync.exchange_inbox(inbox):
             try:
                 msg = unpack(data)
             except CodecError as e:
@@ -101,11 +130,11 @@ class SchedulerLoop:
         except Exception:  # keep serving; the servers fail the requests a failure belongs to before this
             log.exception("%s scheduler: step failed", self.role.value)
         now = time.monotonic()
-        if now - self._last_stats >= _STATS_EVERY_S:
+        if self.sync.leader and now - self._last_stats >= _STATS_EVERY_S:
             self._last_stats = now
             self.send(self.stats())
-        if not worked:
-            self._poller.poll(_IDLE_WAIT_MS)
+        if not worked and self.sync.leader:  # the other ranks wait in the next turn's broadcast
+            self._poller.poll(self._idle_wait_ms)
 
     def close(self) -> None:
         """Close the sockets (the server process simply exits; tests that build a loop call this)."""
@@ -129,7 +158,8 @@ class SchedulerLoop:
     # -- outputs --------------------------------------------------------------------------------------
 
     def send(self, msg: IpcMessage) -> None:
-        self._out.send(pack(msg))
+        if self.sync.leader:  # every rank answers the same; rank 0 speaks for them
+            self._out.send(pack(msg))
 
     def fail(self, rid: str, error: str, status: int, prompt_tokens: int = 0) -> None:
         """End the live request `rid` with `error`: its last output, and its stream offsets forgotten."""

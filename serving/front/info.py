@@ -143,6 +143,7 @@ class InfoEndpoints(FrontState):
             "model_type": self.model_config.get("model_type"),
             "architectures": self.model_config.get("architectures"),
             "context_length": self.cfg.context_length,
+            "tp_size": self.cfg.server_args.get("tp_size", 1),
         }
 
     def models(self) -> dict[str, Any]:
