@@ -205,6 +205,8 @@ class EngineConfig:
     disable_cuda_graph: bool = False  # decode graphs are captured only on CUDA with a capturable backend
     cuda_graph_max_bs: int = 64  # largest decode batch replayed from a graph (capped by max_batch_size)
     skip_warmup: bool = False  # skip running each kind of forward once at start-up (tests, quick tools)
+    tp_size: int = 1  # tensor-parallel ranks (one process and one device each; engine/distributed.py)
+    dist_timeout_s: float = 120.0  # a collective waiting longer for a peer fails (a dead or hung rank)
 
     def validate(self) -> None:
         if self.page_size < 1:
@@ -219,5 +221,9 @@ class EngineConfig:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
         if self.num_pages is not None and self.num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
+        if isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int) or self.tp_size < 1:
+            raise ValueError(f"tp_size must be an integer >= 1, got {self.tp_size!r}")
+        if not self.dist_timeout_s > 0 or self.dist_timeout_s == float("inf"):
+            raise ValueError(f"dist_timeout_s must be a finite number of seconds > 0, got {self.dist_timeout_s}")
         if self.dtype is not None:
             parse_dtype(self.dtype)

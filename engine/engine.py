@@ -2,6 +2,11 @@
 
 It is the in-project baseline the disaggregated path is measured against, and the decode server
 builds on its pieces (runner, scheduler, sampler, stop handling).
+
+Tensor parallelism is SPMD: each rank is a process with its own `Engine(cfg, tp)` holding its shard of the
+model and a KV pool of its KV heads, and every rank runs the same requests through the same scheduler and
+the same forward, so every scheduling decision is identical everywhere. The one input that could differ is
+randomness: `sample` takes rank 0's tokens and broadcasts them, so every rank appends the same tokens.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import torch
 from engine.builtin import resolve_model
 from engine.config import EngineConfig, parse_dtype
 from engine.device import resolve_device
+from engine.distributed import TPGroup
 from engine.kvcache import KVLayout, KVPool
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
+from engine.parallel import kv_head_range
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampling import NON_FINITE_LOGITS, SampleOutput, Sampler, SamplingParams, make_generator
 from engine.scheduler import Scheduler
@@ -58,28 +65,59 @@ def _forward_error(e: Exception) -> str:
     return f"internal error in the forward: {type(e).__name__}: {e}"
 
 
+class TPStepError(RuntimeError):
+    """A forward or sample raised on a tensor-parallel rank: the ranks cannot retry in lockstep (a peer may be
+    in a collective the failed rank never reaches), so the rank must stop; its peers then fail their next
+    collective at once (connection closed) or within the group's timeout."""
+
+
+class _SampleFailed:
+    """What rank 0 broadcasts when its sampler raised, so every rank raises instead of waiting for a timeout."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
 class Engine:
-    def __init__(self, cfg: EngineConfig) -> None:
+    def __init__(self, cfg: EngineConfig, tp: TPGroup | None = None) -> None:
+        """`tp`: this rank's tensor-parallel group (engine/distributed.py); None for a single rank."""
         cfg.validate()
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        if tp is None:
+            if cfg.tp_size > 1:
+                raise ValueError(
+                    f"tp_size {cfg.tp_size} runs one process per rank: give each rank's Engine its TPGroup "
+                    "(engine.distributed.init_tp_group), as `pdserve generate --tp-size` does"
+                )
+            tp = TPGroup.single(resolve_device(cfg.device))
+        elif tp.size != cfg.tp_size:
+            raise ValueError(f"the process group has {tp.size} ranks but tp_size is {cfg.tp_size}")
+        self.tp = tp
+        self.device = tp.device
         model_dir = resolve_model(cfg.model)
         t0 = time.perf_counter()
         dtype = parse_dtype(cfg.dtype) if cfg.dtype else None
-        self.model = load_model(model_dir, dtype=dtype, device=self.device)
+        self.model = load_model(model_dir, dtype=dtype, device=self.device, tp=tp)
         self.model_config = self.model.config
+        self.weight_bytes = self.model.weight_bytes  # this rank's shard
+        tp.startup_barrier()  # ranks load at different speeds; every collective after this has the short timeout
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
+        kv = kv_head_range(self.model_config.num_kv_heads, tp.size, tp.rank)
         layout = KVLayout(
             num_layers=self.model_config.num_layers,
             page_size=cfg.page_size,
-            num_kv_heads=self.model_config.num_kv_heads,
+            num_kv_heads=kv.count,
             head_dim=self.model_config.head_dim,
             dtype=self.model_config.dtype,
+            kv_head_start=kv.start,
+            total_kv_heads=self.model_config.num_kv_heads,
         )
         if cfg.num_pages is not None:
             self.pool = KVPool(layout, cfg.num_pages, self.device)
         else:
-            self.pool = KVPool.for_budget(layout, kv_budget_bytes(cfg, self.device), self.device)
+            # the same page count on every rank (free memory may differ per GPU): the schedulers must agree
+            (budget,) = tp.agree_min([kv_budget_bytes(cfg, self.device)])
+            self.pool = KVPool.for_budget(layout, budget, self.device)
         self.runner = ModelRunner(self.model, self.pool, cfg.attention_backend)
         self.scheduler = Scheduler(self.pool.allocator, cfg.page_size, cfg.max_batch_size, cfg.max_prefill_tokens)
         self.sampler = Sampler()
@@ -92,7 +130,8 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._prepare_kernels()
         log.info(
-            "loaded %s (%s, %d layers) on %s in %.1fs; KV pool %d pages x %d tokens",
+            "loaded %s (%s, %d layers) on %s in %.1fs; KV pool %d pages x %d tokens; TP rank %d/%d: "
+            "weights %.1f MiB, KV heads [%d, %d) of %d",
             cfg.model,
             self.model_config.architecture,
             self.model_config.num_layers,
@@ -100,6 +139,12 @@ class Engine:
             time.perf_counter() - t0,
             self.pool.num_pages,
             cfg.page_size,
+            tp.rank,
+            tp.size,
+            self.weight_bytes / 2**20,
+            kv.start,
+            kv.stop,
+            self.model_config.num_kv_heads,
         )
 
     def _prepare_kernels(self) -> None:
@@ -180,6 +225,14 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    @property
+    def tp_size(self) -> int:
+        return self.tp.size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp.rank
+
     # -- the loop -----------------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
@@ -189,6 +242,7 @@ class Engine:
         forward that raises is retried one request at a time (safe: a step's KV writes depend only on the
         request, so a rerun writes the same values), and each request that still raises fails with the
         error. Either way the failed request leaves the running batch and the others get their token.
+        Under tensor parallelism a forward that raises raises TPStepError instead: the rank must stop.
         """
         scheduled = self.scheduler.schedule()
         if scheduled is None:
@@ -197,6 +251,8 @@ class Engine:
         try:
             results = [(reqs, self._run(reqs))]
         except Exception as e:
+            if self.tp.size > 1:
+                raise TPStepError(f"tensor-parallel rank {self.tp.rank}: {_forward_error(e)}") from e
             if len(reqs) == 1:
                 log.exception("request %s failed in the forward", reqs[0].rid)
                 self.fail(reqs[0], _forward_error(e))
@@ -212,7 +268,25 @@ class Engine:
             [r.uncached_ids() for r in reqs], [r.num_cached for r in reqs], [r.pages for r in reqs]
         )
         logits = self.runner.forward(batch)
-        return self.sampler(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        return self.sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+
+    def sample(
+        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    ) -> SampleOutput:
+        """One token per row of `logits`. Under tensor parallelism rank 0 samples and broadcasts its result, so
+        every rank appends the same tokens (seeded or not); the other ranks do not sample at all."""
+        if self.tp.size == 1:
+            return self.sampler(logits, params, generators)
+        out: SampleOutput | _SampleFailed | None = None
+        if self.tp.rank == 0:
+            try:
+                out = self.sampler(logits, params, generators)
+            except Exception as e:
+                out = _SampleFailed(f"{type(e).__name__}: {e}")
+        out = self.tp.broadcast_object(out, src=0)
+        if isinstance(out, _SampleFailed):
+            raise RuntimeError(f"sampling failed on rank 0: {out.error}")
+        return out
 
     def _run_one_by_one(self, reqs: list[Request]) -> list[tuple[list[Request], SampleOutput]]:
         results = []

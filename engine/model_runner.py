@@ -65,8 +65,8 @@ class ModelRunner:
         self.config = model.config
         self.device = pool.device
         self.attn: AttentionBackend = create_attention_backend(
-            attention_backend, pool, self.config.num_heads, self.config.sliding_window
-        )
+            attention_backend, pool, model.num_local_heads, self.config.sliding_window
+        )  # this rank's query heads (all of them with one rank); the pool holds its KV heads
         self.graphs: GraphRunner | None = None
 
     @property

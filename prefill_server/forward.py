@@ -53,7 +53,7 @@ def prefill_and_send(
                 if sender.poll() != TransferState.FAILED:
                     sender.send(start, end, req.pages, event)
     logits = fwd.logits()
-    sample = engine.sampler(logits, [r.params for r in reqs], [r.generator for r in reqs])
+    sample = engine.sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
     tokens, logprobs, ok = sample.tokens, sample.token_logprobs, sample.ok()
     # The aux rows are written here, on this thread, before the event is recorded: on CUDA each is a
     # non-blocking copy on the compute stream, so the one event covers the last KV and every aux row, and the

@@ -3,6 +3,12 @@
 The forward is split into `embed`, `run_layers(start, end)` and `logits` so the prefill server can
 compute a batch one layer group at a time; running consecutive ranges is exactly the full forward.
 Operation order follows the reference implementation so that float32 logits agree to rounding.
+
+Under tensor parallelism (a `TPGroup` of size > 1) each rank builds its shard of the model: its query heads
+and KV heads (`engine.parallel.kv_head_range`) in a column-parallel fused q/k/v, a row-parallel o_proj, its
+slice of the MLP (column-parallel gate/up, row-parallel down) and of the vocabulary (embedding and LM head);
+see `engine/models/parallel_layers.py`. The API is the same at any size: `logits` gives full-vocabulary
+float32 logits on every rank.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from torch import nn
 
 from engine.attention.base import AttentionBackend
 from engine.config import ModelConfig
+from engine.distributed import TPGroup
+from engine.models.parallel_layers import RowParallelLinear, VocabParallelEmbedding, vocab_parallel_logits
 from engine.models.rope import RopeTables, RotaryEmbedding, apply_rope
+from engine.parallel import kv_head_range
 
 
 class RMSNorm(nn.Module):
@@ -30,15 +39,18 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup) -> None:
         super().__init__()
         self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        # q, k and v projections fused into one matmul; split after.
+        # this rank's heads: an even share of the query heads, and the KV heads they use
+        self.num_heads = cfg.num_heads // tp.size
+        self.num_kv_heads = kv_head_range(cfg.num_kv_heads, tp.size, tp.rank).count
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
+        # q, k and v projections fused into one matmul (column-parallel: this rank's rows); split after.
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = RowParallelLinear(self.q_size, cfg.hidden_size, cfg.o_bias, tp)
 
     def forward(self, x: torch.Tensor, rope: RopeTables, attn: AttentionBackend) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -51,10 +63,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        inter = cfg.intermediate_size // tp.size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -62,12 +75,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg, layer, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, tp)
 
     def forward(self, x: torch.Tensor, rope: RopeTables, attn: AttentionBackend) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, attn)
@@ -75,18 +88,31 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaFamilyModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.tp = tp if tp is not None else TPGroup.single("cpu")
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # the LM head's slices are the embedding's (tied: the embedding shard itself)
+        rows = self.embed_tokens.weight.shape[0]
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, rows, bias=False)
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def num_local_heads(self) -> int:
+        """The query heads this rank computes (all of them with one rank)."""
+        return self.config.num_heads // self.tp.size
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of this rank's parameters (its shard under tensor parallelism)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -108,7 +134,7 @@ class LlamaFamilyModel(nn.Module):
         """Final norm + LM head, for the rows of `hidden` given (usually each request's last token)."""
         hidden = self.norm(hidden)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return vocab_parallel_logits(hidden, weight, self.config.vocab_size, self.tp)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """Hidden states after the last layer (before the final norm)."""
