@@ -80,12 +80,15 @@ class BuiltinSpec:
     # Weight files to write; > 1 writes model-0000i-of-0000n.safetensors plus the index, which
     # exercises the loader's sharded path the way real multi-GB checkpoints do.
     num_shards: int = 1
+    # None: the tokenizer's 512. Larger (as in many real checkpoints): ids no text encodes to, decoding to "".
+    vocab_size: int | None = None
 
     def cache_key(self) -> str:
         """Short hash of everything that determines the generated files."""
+        spec = {k: v for k, v in dataclasses.asdict(self).items() if not (k == "vocab_size" and v is None)}
         payload = json.dumps(
             {
-                "spec": dataclasses.asdict(self),
+                "spec": spec,
                 "generator": GENERATOR_VERSION,
                 "init": [RESIDUAL_OUT_GAIN, LM_HEAD_GAIN],
                 "tokenizer": TOKENIZER_FINGERPRINT,
@@ -174,6 +177,24 @@ _SPECS: dict[str, BuiltinSpec] = {
             sliding_window=None,
             seed=4004,
             num_shards=3,
+        ),
+        # TP tests: 1 KV head (replicated at TP > 1), an odd vocabulary (padded), 8 query heads (TP 2, 4, 8)
+        BuiltinSpec(
+            name="tiny-llama-mqa",
+            model_type="llama",
+            hidden_size=128,
+            intermediate_size=384,
+            num_layers=4,
+            num_heads=8,
+            num_kv_heads=1,
+            head_dim=16,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            rope_theta=10000.0,
+            rope_scaling=None,
+            sliding_window=None,
+            seed=5005,
+            vocab_size=515,
         ),
     )
 }
@@ -373,7 +394,8 @@ def generate_model(spec: BuiltinSpec, out_dir: Path) -> None:
     bos_id = int(tokenizer.bos_token_id)
     eos_ids = [int(vocab[EOS_TOKEN]), int(vocab[IM_END_TOKEN])]
 
-    config = build_config(spec, vocab_size=len(tokenizer), bos_token_id=bos_id, eos_token_id=eos_ids[0])
+    vocab_size = max(spec.vocab_size or 0, len(tokenizer))
+    config = build_config(spec, vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_ids[0])
     config.save_pretrained(str(out_dir))
     # Both <|end_of_text|> (plain completion) and <|im_end|> (end of a chat turn) stop generation.
     gen_config = transformers.GenerationConfig(

@@ -42,6 +42,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs, help="largest decode batch run from a graph"
     )
     p.add_argument("--skip-warmup", action="store_true", help="start without running each kind of forward once")
+    p.add_argument(
+        "--tp-size",
+        type=int,
+        default=int(env("TP_SIZE", str(d.tp_size))),
+        help="tensor-parallel ranks: one process and one GPU each (PDSERVE_TP_SIZE)",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=float(env("DIST_TIMEOUT", str(d.dist_timeout_s))),
+        help="seconds a rank waits for its peers in a collective before failing (PDSERVE_DIST_TIMEOUT)",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -58,6 +70,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         disable_cuda_graph=args.disable_cuda_graph,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         skip_warmup=args.skip_warmup,
+        tp_size=args.tp_size,
+        dist_timeout_s=args.dist_timeout,
     )
 
 
@@ -228,8 +242,8 @@ def env(name: str, default: str) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from engine.engine import Engine
     from engine.sampling import SamplingParams
+    from pdserve.generate import check_split, run_generate, run_tp
 
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -242,15 +256,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     try:
         params.validate()
-        engine = Engine(engine_config(args))
-        # The servers' rule (engine.tokenizer): text gets the tokenizer's special tokens, chat its template's.
-        tok, max_tokens = engine.tokenizer, engine.context_length - 1
-        if args.chat:
-            chats = [[{"role": "user", "content": p}] for p in args.prompt]
-            prompts = [tok.apply_chat_template(m, max_tokens=max_tokens) for m in chats]
+        cfg = engine_config(args)
+        cfg.validate()
+        if cfg.tp_size > 1:  # rank 0 here, ranks 1..N-1 spawned (pdserve/generate.py); the split checked first
+            check_split(cfg)
+            prompts, outputs = run_tp(cfg, args.prompt, args.chat, params, args.log_level)
         else:
-            prompts = [tok.encode_prompt(p, max_tokens=max_tokens) for p in args.prompt]
-        outputs = engine.generate(prompts, params)
+            prompts, outputs = run_generate(cfg, args.prompt, args.chat, params)
     except (ValueError, RuntimeError) as e:
         print(f"pdserve generate: error: {e}", file=sys.stderr)
         return 2
@@ -354,7 +366,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     out = ["--model", args.model, "--device", args.device, "--attention-backend", args.attention_backend,
            "--page-size", str(args.page_size), "--max-batch-size", str(args.max_batch_size),
            "--max-prefill-tokens", str(args.max_prefill_tokens),
-           "--cuda-graph-max-bs", str(args.cuda_graph_max_bs)]  # fmt: skip
+           "--cuda-graph-max-bs", str(args.cuda_graph_max_bs), "--tp-size", str(args.tp_size),
+           "--dist-timeout", str(args.dist_timeout)]  # fmt: skip
     out += [flag for flag, on in (("--disable-cuda-graph", args.disable_cuda_graph),
                                   ("--skip-warmup", args.skip_warmup)) if on]  # fmt: skip
     for flag, value in (("--dtype", args.dtype), ("--kv-cache-gb", args.kv_cache_gb),

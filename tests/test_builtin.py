@@ -33,7 +33,7 @@ def _weights(d: Path) -> dict[str, torch.Tensor]:
 
 
 def test_list_and_specs() -> None:
-    assert list_builtin() == ["tiny-llama", "tiny-qwen2", "tiny-mistral", "bench-llama"]
+    assert list_builtin() == ["tiny-llama", "tiny-qwen2", "tiny-mistral", "bench-llama", "tiny-llama-mqa"]
     specs = [get_spec(n) for n in list_builtin()]
     assert len({s.seed for s in specs}) == len(specs)
     assert get_spec("builtin:bench-llama").num_layers >= 24
