@@ -5,6 +5,12 @@ transfer layer says no write can still touch them.
     python harness/transfer_peer.py '{"role": "prefill", "backend": "mooncake", ...}'
 
 `bootstrap_port` (prefill) and `zmq_port` pin the peer's ports, so a test can restart it on the same address.
+
+Tensor parallelism without an engine: `num_kv_heads` is the model's KV heads, `tp_rank`/`tp_size` pick the rank's
+share (`engine.parallel.kv_head_range`). Prefill rank 0 runs the bootstrap server; other prefill ranks register
+at rank 0's (`bootstrap_addr`). A prefill fills its pool so that the bytes of (layer, K/V, page, model head) do not
+depend on the TP layout, and `head_hash` digests each (region, page, head) with the model head it is: tests compare
+what lands on each decode rank with a same-TP run, head by head.
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.device import CompletedEvent
 from engine.kvcache import KVPool
 from engine.kvcache.pool import KVLayout
+from engine.parallel import kv_head_range
 from transfer.aux import AuxRow
 from transfer.backends import WriteStatus
 from transfer.bootstrap import BootstrapServer
 from transfer.config import Timeouts, TransferConfig
 from transfer.decode import DecodeTransferManager
-from transfer.planner import layer_copies, merge_runs
+from transfer.planner import kv_copies, merge_runs
 from transfer.prefill import PrefillTransferManager
 from transfer.protocol import TransferState
 
@@ -53,32 +60,43 @@ class ManualEvent:
 class Peer:
     def __init__(self, cfg: dict) -> None:
         self.role = cfg["role"]
+        tp_rank, tp_size, total = cfg.get("tp_rank", 0), cfg.get("tp_size", 1), cfg.get("num_kv_heads", 2)
+        heads = kv_head_range(total, tp_size, tp_rank)
         layout = KVLayout(
             num_layers=cfg.get("num_layers", 4),
             page_size=cfg.get("page_size", 4),
-            num_kv_heads=cfg.get("num_kv_heads", 2),
+            num_kv_heads=heads.count,
             head_dim=cfg.get("head_dim", 8),
             dtype=getattr(torch, cfg.get("dtype", "float32")),
+            kv_head_start=heads.start,
+            total_kv_heads=total,
         )
         self.pool = KVPool(layout, cfg.get("num_pages", 64), cfg.get("device", "cpu"))
         timeouts = Timeouts(**cfg.get("timeouts", {}))
-        tcfg = TransferConfig(
-            backend=cfg["backend"], timeouts=timeouts, aux_rows=cfg.get("aux_rows", 16), zmq_port=cfg.get("zmq_port", 0)
-        )
+        tcfg = TransferConfig(backend=cfg["backend"], timeouts=timeouts, aux_rows=cfg.get("aux_rows", 16),
+                              zmq_port=cfg.get("zmq_port", 0), tp_rank=tp_rank, tp_size=tp_size)  # fmt: skip
         self.events: dict[str, ManualEvent] = {}
         self.pages: dict[int, list[int]] = {}
         self.handles: dict[int, object] = {}
         if self.role == "prefill":
-            self.bootstrap = BootstrapServer("127.0.0.1", cfg.get("bootstrap_port", 0)).start()
-            self.addr = f"127.0.0.1:{self.bootstrap.port}"
+            if cfg.get("bootstrap_addr"):  # a rank != 0: registers at rank 0's bootstrap server
+                self.addr = cfg["bootstrap_addr"]
+            else:
+                self.bootstrap = BootstrapServer("127.0.0.1", cfg.get("bootstrap_port", 0)).start()
+                self.addr = f"127.0.0.1:{self.bootstrap.port}"
             self.mgr = PrefillTransferManager(tcfg, self.pool, bootstrap_addr=self.addr)
+            self.fill(cfg.get("seed", 0))
         else:
             self.addr = ""
             self.mgr = DecodeTransferManager(tcfg, self.pool)
-        g = torch.Generator().manual_seed(cfg.get("seed", 0))
-        if self.role == "prefill":
-            for t in (*self.pool.k, *self.pool.v):
-                t.copy_(torch.randn(t.shape, generator=g).to(t.dtype).to(t.device))
+
+    def fill(self, seed: int) -> None:
+        """Random bytes that depend on (seed, region, model head) only: every TP layout holds the same per head."""
+        start = self.pool.layout.kv_head_start
+        for region, t in enumerate((*self.pool.k, *self.pool.v)):
+            for h in range(t.shape[1]):
+                g = torch.Generator().manual_seed(hash((seed, region, start + h)) % 2**62)
+                t[:, h] = torch.randn(t[:, h].shape, generator=g).to(t.dtype).to(t.device)
 
     # -- commands -----------------------------------------------------------------------------------
 
@@ -156,6 +174,18 @@ class Peer:
             out.append([hashlib.sha1(b).hexdigest() for b in raw])
         return {"hashes": out}
 
+    def cmd_head_hash(self, pages: list[int]) -> dict:
+        """Digest of each (region, page, local head), and the model head of local head 0 (`start`)."""
+        out = []
+        for t in (*self.pool.k, *self.pool.v):
+            host = t[pages].contiguous().view(torch.uint8).cpu().numpy()
+            out.append([[hashlib.sha1(host[i, h].tobytes()).hexdigest() for h in range(t.shape[1])]
+                        for i in range(len(pages))])  # fmt: skip
+        return {"hashes": out, "start": self.pool.layout.kv_head_start}
+
+    def cmd_bytes_total(self) -> dict:
+        return {"bytes": self.mgr.bytes_total}
+
     def cmd_scribble(self, pages: list[int], seed: int) -> dict:
         g = torch.Generator().manual_seed(seed)
         for t in (*self.pool.k, *self.pool.v):
@@ -183,8 +213,11 @@ class Peer:
         """Prefill: the room's KV bytes with the same (merged) descriptors, written by the engine itself in
         one batch: Mooncake's batch_transfer_sync_write, NIXL's single prepared transfer."""
         info = next(iter(self.mgr._room(room).infos.values()))
-        runs = merge_runs(self.pages[room], info.dst_pages[: len(self.pages[room])])
-        copies = layer_copies(0, self.mgr.num_layers, self.mgr.num_layers, runs)
+        src = self.pages[room]
+        runs = merge_runs(src, info.dst_pages[: len(src)])
+        peer, heads = self.mgr._peers[info.session], self.pool.layout.num_kv_heads
+        copies = kv_copies(0, self.mgr.num_layers, self.mgr.num_layers, src, info.dst_pages[: len(src)], peer.slices,
+                           heads, peer.heads)  # fmt: skip
         backend = self.mgr.backend
         t0 = time.perf_counter()
         if backend.name == "mooncake":

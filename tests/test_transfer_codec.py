@@ -92,8 +92,9 @@ def test_wire_bytes_are_the_documented_map():
 
 def registration(session: str, pool: KVPool, aux_rows: int) -> Registration:
     n = pool.layout.num_layers
-    return Registration(session, session, "mooncake", b"", [1] * n, [1] * n, pool.page_bytes, pool.num_pages,
-                        1, 64, aux_rows, 0, 1)  # fmt: skip
+    heads = pool.layout.num_kv_heads
+    return Registration(session, session, "mooncake", b"", [1] * n, [1] * n, pool.layout.head_bytes,
+                        (pool.num_pages + 1) * heads, 1, 64, aux_rows, 0, 1, 0, heads, heads)  # fmt: skip
 
 
 def test_receive_loop_drops_bad_input_and_keeps_serving(pool: KVPool, push):

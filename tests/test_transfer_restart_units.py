@@ -10,6 +10,7 @@ pytest.importorskip("mooncake.engine")
 import torch
 
 import transfer.prefill as prefill_mod
+import transfer.prefill_peers as peers_mod
 from engine.kvcache import KVPool
 from engine.kvcache.pool import KVLayout
 from transfer.config import TransferConfig
@@ -20,13 +21,14 @@ from transfer.protocol import Registration, TransferInfo
 def registration(session: str, endpoint: str, pool: KVPool, rpc_port: int) -> Registration:
     n = pool.layout.num_layers
     meta = f"127.0.0.1:{rpc_port}".encode()  # a Mooncake session id nobody listens on: never written to here
-    return Registration(session, endpoint, "mooncake", meta, [4096] * n, [8192] * n, pool.page_bytes,
-                        pool.num_pages, 1 << 20, 64, 4, 0, 1)  # fmt: skip
+    heads = pool.layout.num_kv_heads
+    return Registration(session, endpoint, "mooncake", meta, [4096] * n, [8192] * n, pool.layout.head_bytes,
+                        (pool.num_pages + 1) * heads, 1 << 20, 64, 4, 0, 1, 0, heads, heads)  # fmt: skip
 
 
 @pytest.fixture
 def prefill(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(prefill_mod, "MAX_PEERS", 3)
+    monkeypatch.setattr(peers_mod, "MAX_PEERS", 3)
     monkeypatch.setattr(prefill_mod, "MAX_EARLY", 5)
     pool = KVPool(KVLayout(num_layers=2, page_size=4, num_kv_heads=1, head_dim=4, dtype=torch.float32), 8)
     with PrefillTransferManager(TransferConfig(aux_rows=4), pool) as m:

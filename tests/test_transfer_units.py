@@ -10,7 +10,8 @@ from transfer.aux import AuxBuffer, AuxRow
 from transfer.backends.base import Copy
 from transfer.bootstrap import LayoutMismatch, check_layout
 from transfer.config import Timeouts
-from transfer.planner import layer_copies, merge_runs
+from transfer.head_map import HeadSlice
+from transfer.planner import item_spans, kv_copies, layer_copies, merge_runs
 from transfer.protocol import (
     PROTOCOL_VERSION,
     Abort,
@@ -28,10 +29,10 @@ from transfer.state import RoomState
 
 def test_messages_round_trip():
     msgs = [
-        Registration("s", "tcp://h:1", "nixl", b"\x00meta", [1, 2], [3, 4], 4096, 10, 99, 64, 8, 0, 1),
-        TransferInfo(2**63 - 1, "s", "tcp://h:1", "i1", dst_pages=[5, 6, 9], aux_row=3, prompt_len=40),
+        Registration("s", "tcp://h:1", "nixl", b"\x00meta", [1, 2], [3, 4], 4096, 10, 99, 64, 8, 1, 2, 4, 4, 8),
+        TransferInfo(2**63 - 1, "s", "tcp://h:1", "i1", dst_pages=[5, 6, 9], aux_row=3, prompt_len=40, required_dsts=2),
         Status(room=7, state=TransferState.SUCCESS, sender_rank=0, session="tcp://h:1#a1"),
-        Abort(room=7, endpoint="tcp://h:2", reason="client went away"),
+        Abort(room=7, endpoint="tcp://h:2", reason="client went away", sender_rank=3),
         UnknownSession(room=7, session="tcp://h:1#a1", sender_rank=0, instance="b2"),
     ]
     for msg in msgs:
@@ -139,11 +140,24 @@ def test_merge_runs():
 
 
 def test_layer_copies_cover_k_and_v_of_each_layer():
-    copies = layer_copies(1, 3, num_layers=4, runs=[(0, 5, 2), (7, 9, 1)])
+    copies = layer_copies(1, 3, num_layers=4, spans=[(0, 5, 2), (7, 9, 1)])
     assert copies == [
         Copy(1, 0, 5, 2), Copy(1, 7, 9, 1), Copy(5, 0, 5, 2), Copy(5, 7, 9, 1),
         Copy(2, 0, 5, 2), Copy(2, 7, 9, 1), Copy(6, 0, 5, 2), Copy(6, 7, 9, 1),
     ]  # fmt: skip
+
+
+def test_items_are_heads_of_pages_and_same_tp_keeps_one_copy_per_page_run():
+    runs = merge_runs([3, 4, 5, 9], [7, 8, 9, 2])  # two runs: pages 3..5 -> 7..9, 9 -> 2
+    # same TP, 4 heads on both sides: one span per page run, of 4 items per page
+    assert item_spans(runs, [HeadSlice(0, 0, 4)], 4, 4) == [(12, 28, 12), (36, 8, 4)]
+    # P2 -> D1 (prefill rank 1 holds heads 2..3 of 4): its 2 heads of each page land at offset 2 of decode's 4
+    assert item_spans(runs, [HeadSlice(0, 2, 2)], 2, 4) == [(6, 30, 2), (8, 34, 2), (10, 38, 2), (18, 10, 2)]
+    # P1 -> D2 (decode rank 1 holds heads 2..3): one slice of each prefill page, whole pages at decode
+    assert item_spans(runs, [HeadSlice(2, 0, 2)], 4, 2) == [(14, 14, 2), (18, 16, 2), (22, 18, 2), (38, 4, 2)]
+    copies = kv_copies(0, 2, 2, [3, 4, 5, 9], [7, 8, 9, 2], [HeadSlice(0, 0, 4)], 4, 4)
+    assert len(copies) == 2 * 2 * 2  # layers x (K, V) x page runs
+    assert kv_copies(0, 2, 2, [3], [7], [], 4, 4) == []  # a pair with nothing to copy
 
 
 def test_aux_rows():
@@ -168,5 +182,10 @@ def test_layout_check_names_every_difference():
         check_layout(local, local | {"page_size": 32, "head_dim": 64}, "p:8998")
     with pytest.raises(LayoutMismatch, match="kv_dtype"):
         check_layout(local, local | {"kv_dtype": "float16"}, "p:8998")
-    with pytest.raises(LayoutMismatch, match="prefill TP != decode TP"):
-        check_layout(local, local | {"tp_size": 2}, "p:8998")
+    check_layout(local, local | {"tp_size": 2}, "p:8998")  # prefill TP2 fills a decode TP1: each rank its half
+    check_layout(local | {"tp_size": 16}, local | {"tp_size": 4}, "p:8998")  # 8 heads, each on 2 decode ranks
+    with pytest.raises(LayoutMismatch, match=r"prefill TP2 x 8 KV heads vs decode TP3 x 8 KV heads\): decode TP3"):
+        check_layout(local | {"tp_size": 3}, local | {"tp_size": 2}, "p:8998")
+    with pytest.raises(LayoutMismatch, match=r"num_kv_heads: prefill 4 vs decode 8\); prefill TP2 x 4 KV heads vs "
+                       r"decode TP1 x 8 KV heads"):  # fmt: skip
+        check_layout(local, local | {"tp_size": 2, "num_kv_heads": 4}, "p:8998")

@@ -135,8 +135,9 @@ class FakeDecode:
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.session = f"{self.endpoint}#fake"
         n, pool = mgr.num_layers, mgr.pool
-        mgr._handle(Registration(self.session, self.endpoint, "fake", b"", [1] * n, [1] * n, pool.page_bytes,
-                                 pool.num_pages, 1, 64, 16, 0, 1))  # fmt: skip
+        heads = pool.layout.num_kv_heads
+        mgr._handle(Registration(self.session, self.endpoint, "fake", b"", [1] * n, [1] * n, pool.layout.head_bytes,
+                                 (pool.num_pages + 1) * heads, 1, 64, 16, 0, 1, 0, heads, heads))  # fmt: skip
         assert self.session in mgr._peers
 
     def open(self, room: int, dst_pages: list[int], aux_row: int = 0, prompt_len: int = 4) -> KVSender:

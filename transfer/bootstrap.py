@@ -1,9 +1,12 @@
 """The bootstrap server (prefill side, DESIGN §3.2) and decode's client for it.
 
 Each prefill rank registers its control endpoint, KV layout and instance id with `PUT /route`; decode asks
-`GET /route` once per prefill for the layout (503 until every rank registered) and
-`GET /route?tp_rank=R` for one rank's endpoint and instance. `GET /health` is decode's heartbeat target; it
-answers every rank's endpoint and instance, so the heartbeat sees a restarted rank (a new instance id).
+`GET /route` once per prefill for the layout (503 until every rank registered: `tp_size` ranks) and
+`GET /route?tp_rank=R` for each rank's endpoint and instance (every decode rank registers with every prefill
+rank). The layout is the model's KV geometry plus the prefill's TP size; a decode of another TP size is served
+when both sizes divide, or are multiples of, the model's KV heads (transfer/head_map.py). `GET /health` is
+decode's heartbeat target; it answers every rank's endpoint and instance, so the heartbeat sees a restarted rank
+(a new instance id).
 A small stdlib HTTP server in a daemon thread is enough: a handful of calls per prefill/decode pair.
 """
 
@@ -21,6 +24,7 @@ import httpx
 
 from contracts.pd import DEFAULT_BOOTSTRAP_PORT
 from engine.kvcache import KVLayout
+from transfer.head_map import describe_tp, tp_pair_problem
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +96,8 @@ class RankInfo:
 
 
 # What decode must agree on with prefill before any byte moves: every field of a rank that is not about
-# where the rank is (the KV layout, as KVLayout.wire() names it, and the transfer engine). TP sizes are
-# compared apart, with their own message.
+# where the rank is (the model's KV geometry, as KVLayout.wire() names it, and the transfer engine). TP sizes may
+# differ; whether a pair of them can be served is `transfer.head_map.tp_pair_problem`'s question.
 _WHERE = ("tp_size", "tp_rank", "rank_ip", "rank_port", "instance")
 LAYOUT_FIELDS = tuple(f.name for f in fields(RankInfo) if f.name not in _WHERE)
 
@@ -209,18 +213,20 @@ def fetch_route(bootstrap_addr: str, tp_rank: int | None = None, timeout: float 
 
 
 def check_layout(local: dict, remote: dict, bootstrap_addr: str) -> None:
-    """Refuse a prefill whose KV layout differs, naming every field that does."""
+    """Refuse a prefill whose KV geometry differs (naming every field that does), or whose TP layout cannot fill
+    this decode's (naming both layouts). `local`/`remote`: `RankInfo.layout()` of decode and prefill."""
+    both = (
+        f"prefill {describe_tp(remote.get('num_kv_heads'), remote.get('tp_size'))} vs "
+        f"decode {describe_tp(local['num_kv_heads'], local['tp_size'])}"
+    )
     diffs = [
         f"{k}: prefill {remote.get(k)!r} vs decode {local[k]!r}" for k in LAYOUT_FIELDS if remote.get(k) != local[k]
     ]
     if diffs:
-        raise LayoutMismatch(f"prefill at {bootstrap_addr} has an incompatible KV layout ({'; '.join(diffs)})")
-    if remote.get("tp_size") != local.get("tp_size"):
-        # Different TP sizes need KV head slicing (planned); refuse clearly until then.
-        raise LayoutMismatch(
-            f"prefill at {bootstrap_addr} runs tp_size {remote.get('tp_size')}, decode {local.get('tp_size')}: "
-            "prefill TP != decode TP is not supported yet"
-        )
+        raise LayoutMismatch(f"prefill at {bootstrap_addr} has an incompatible KV layout ({'; '.join(diffs)}); {both}")
+    problem = tp_pair_problem(local["num_kv_heads"], remote.get("tp_size", 0), local["tp_size"])
+    if problem:
+        raise LayoutMismatch(f"prefill at {bootstrap_addr} cannot serve this decode's TP layout ({both}): {problem}")
 
 
 def health(bootstrap_addr: str, timeout: float = 2.0) -> bool:

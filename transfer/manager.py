@@ -26,6 +26,7 @@ from contracts.codec import Record
 from contracts.metrics import FailureReason
 from engine.device import bind_thread
 from engine.kvcache import KVPool
+from engine.parallel import kv_head_range
 from transfer.aux import AuxBuffer
 from transfer.backends import BackendSettings, MemoryRegion, create_backend
 from transfer.config import TransferConfig
@@ -65,9 +66,25 @@ class RoomHandle:
 
 
 def kv_regions(pool: KVPool) -> list[MemoryRegion]:
-    """K of every layer, then V of every layer: the region order both sides share."""
-    regions = [MemoryRegion(k.data_ptr(), pool.page_bytes, pool.num_pages) for k in pool.k]
-    return regions + [MemoryRegion(v.data_ptr(), pool.page_bytes, pool.num_pages) for v in pool.v]
+    """K of every layer, then V of every layer: the region order both sides share. An item is one KV head of one
+    page (page p, local head h: item p * heads + h), the scratch page included, so both sides' items have the same
+    size whatever their TP sizes (transfer/planner.py)."""
+    layout = pool.layout
+    n = (pool.num_pages + 1) * layout.num_kv_heads
+    return [MemoryRegion(t.data_ptr(), layout.head_bytes, n) for t in (*pool.k, *pool.v)]
+
+
+def check_rank_layout(cfg: TransferConfig, pool: KVPool) -> None:
+    """The pool must hold exactly the KV heads `engine.parallel.kv_head_range` gives this TP rank: the head map
+    (transfer/head_map.py) computes both sides' heads from it."""
+    layout = pool.layout
+    want = kv_head_range(layout.model_kv_heads, cfg.tp_size, cfg.tp_rank)
+    if (layout.kv_head_start, layout.num_kv_heads) != (want.start, want.count):
+        raise ValueError(
+            f"TP rank {cfg.tp_rank} of {cfg.tp_size} holds KV heads [{want.start}, {want.stop}) of "
+            f"{layout.model_kv_heads}, but its KV pool holds [{layout.kv_head_start}, "
+            f"{layout.kv_head_start + layout.num_kv_heads})"
+        )
 
 
 class TransferManager:
@@ -75,6 +92,7 @@ class TransferManager:
 
     def __init__(self, cfg: TransferConfig, pool: KVPool, aux: AuxBuffer | None = None) -> None:
         cfg.validate()
+        check_rank_layout(cfg, pool)
         self.cfg = cfg
         self.timeouts = cfg.timeouts
         self.pool = pool

@@ -1,6 +1,11 @@
 """Turning pages into descriptors: merge page runs contiguous on both sides, and expand layers to regions.
 
 Region order, identical on both sides: K of layer 0..L-1, V of layer 0..L-1, then the aux buffer.
+
+A KV region's item is one KV head of one page (the pool is HND: [pages + 1, heads, page_size, head_dim]), so
+page p, local head h is item `p * heads + h`, and items have the same size on both sides whatever their TP sizes.
+A run of n pages copied whole (same TP: every head on both sides) is one copy of n * heads items; a head slice
+of a page (another TP size: transfer/head_map.py) is one copy per page.
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from transfer.backends.base import Copy
+from transfer.head_map import HeadSlice
 
 
 def merge_runs(src_pages: list[int], dst_pages: list[int]) -> list[tuple[int, int, int]]:
@@ -37,13 +43,48 @@ def aux_region(num_layers: int) -> int:
     return 2 * num_layers
 
 
-def layer_copies(start: int, end: int, num_layers: int, runs: list[tuple[int, int, int]]) -> list[Copy]:
-    """Copies of layers [start, end) for the given page runs: K and V of each layer."""
+def item_spans(
+    runs: list[tuple[int, int, int]], slices: list[HeadSlice], src_heads: int, dst_heads: int
+) -> list[tuple[int, int, int]]:
+    """(src item, dst item, count) of each layer buffer for page runs and head slices.
+
+    `src_heads`/`dst_heads`: the heads each side's pool holds (items per page). A slice covering every head of
+    both sides copies each run whole (one span per run); any other slice is one span per page."""
+    spans: list[tuple[int, int, int]] = []
+    for sl in slices:
+        if sl.count == src_heads == dst_heads:
+            spans.extend((s * src_heads, d * dst_heads, n * src_heads) for s, d, n in runs)
+            continue
+        for s, d, n in runs:
+            spans.extend(((s + k) * src_heads + sl.src, (d + k) * dst_heads + sl.dst, sl.count) for k in range(n))
+    return spans
+
+
+def layer_copies(start: int, end: int, num_layers: int, spans: list[tuple[int, int, int]]) -> list[Copy]:
+    """Copies of layers [start, end) for the given item spans (`item_spans`): K and V of each layer."""
     copies = []
     for layer in range(start, end):
         for region in (k_region(layer), v_region(layer, num_layers)):
-            copies.extend(Copy(region, s, d, n) for s, d, n in runs)
+            copies.extend(Copy(region, s, d, n) for s, d, n in spans)
     return copies
+
+
+def kv_copies(
+    start: int,
+    end: int,
+    num_layers: int,
+    src_pages: list[int],
+    dst_pages: list[int],
+    slices: list[HeadSlice],
+    src_heads: int,
+    dst_heads: int,
+) -> list[Copy]:
+    """Every copy of layers [start, end) from `src_pages` into `dst_pages` (pairwise) for these head slices."""
+    if not slices:
+        return []
+    return layer_copies(
+        start, end, num_layers, item_spans(merge_runs(src_pages, dst_pages), slices, src_heads, dst_heads)
+    )
 
 
 @dataclass

@@ -10,12 +10,20 @@ a write resolves. This module concludes the room when nothing is in flight any m
 every KV and aux write completed; otherwise `Failed`/`Abort` to decode, sent only after the room's writes
 drained, so decode can free its pages at once.
 
-Peers (decode ranks) are known by session: decode's endpoint plus its instance id. A Registration from a new
-session at the endpoint of a known one means that decode restarted: the old session's engine peer is removed,
-its socket forgotten, and its rooms failed (PEER_RESTARTED) — their pages come back once their writes drained,
-as for any failed room. The same session registering again with the same memory is a no-op (it re-resolved
-after a pause), so writes in flight to it are not cancelled. At most MAX_PEERS peers are kept (idle ones are
-forgotten first; such a decode gets UnknownSession and registers again), and at most MAX_EARLY early infos.
+Tensor parallelism (transfer/head_map.py). Each prefill rank runs its own manager, registered at the prefill's
+bootstrap server under its rank. Every decode rank registers with every prefill rank and sends each the room's
+info with `required_dsts` = decode's TP size: the room is ready here once that many decode ranks' infos arrived.
+This rank then writes each decode rank exactly the head slices the head map gives the pair (possibly nothing),
+and sends `Success` to every decode rank once its writes completed (decode succeeds once every prefill rank did);
+a failure is sent to every decode rank it heard from. Only rank 0 writes the aux row, and only to decode rank 0
+(`write_aux` is a no-op on other ranks, and their last chunk carries no aux copy).
+
+Peers (decode ranks, transfer/prefill_peers.py) are known by session: decode's endpoint plus its instance id. A
+Registration from a new session at the endpoint of a known one means that decode restarted: the old session's engine
+peer is removed, its socket forgotten, and its rooms failed (PEER_RESTARTED) — their pages come back once their
+writes drained, as for any failed room. The same session registering again with the same memory is a no-op (it
+re-resolved after a pause), so writes in flight to it are not cancelled. At most MAX_PEERS peers are kept (idle ones
+are forgotten first; such a decode gets UnknownSession and registers again), and at most MAX_EARLY early infos.
 
 A TransferInfo from a session we do not know, or addressed to another instance than ours (decode registered with
 our predecessor at this address), is answered with `UnknownSession`, a message of its own: decode re-registers
@@ -31,34 +39,24 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from contracts.codec import Record
 from contracts.metrics import FailureReason
 from engine.device import DeviceEvent
 from engine.kvcache import KVPool
 from transfer.aux import AuxBuffer, AuxRow
-from transfer.backends import MemoryRegion
 from transfer.bootstrap import RankInfo, register_rank
 from transfer.config import TransferConfig
 from transfer.manager import DuplicateRoomError, RoomHandle, TransferManager, now
+from transfer.prefill_peers import DecodePeer, PeerTable
 from transfer.prefill_worker import Chunk, PrefillRoom, TransferWorker
 from transfer.protocol import Abort, AbortAck, Registration, Status, TransferInfo, TransferState, UnknownSession
 from transfer.state import RoomState
 
 log = logging.getLogger(__name__)
 
-MAX_PEERS = 256  # registered decode sessions kept; idle ones beyond this are forgotten (they re-register)
 MAX_EARLY = 4096  # transfer infos held for requests that have not reached this prefill yet
-
-
-@dataclass
-class _Peer:
-    """A registered decode rank (keyed by its session)."""
-
-    endpoint: str  # its control socket
-    metadata: bytes  # its backend metadata and regions: the same session registering them again is a no-op
-    regions: list[MemoryRegion]
 
 
 class KVSender(RoomHandle):
@@ -84,6 +82,7 @@ class KVSender(RoomHandle):
 
         Call it before recording the event passed to `finish`/`send(last=True)`, which then covers the write.
         False when the room failed instead (no aux row free: it fails with that reason) or had already ended.
+        On TP ranks other than 0 nothing is written (rank 0 writes the row to decode rank 0): True unless ended.
         """
         return self.manager._write_aux(self.room, aux)
 
@@ -104,7 +103,7 @@ class KVSender(RoomHandle):
         self.manager._release(self.room)
 
 
-class PrefillTransferManager(TransferManager):
+class PrefillTransferManager(PeerTable, TransferManager):
     role = "prefill"
 
     def __init__(
@@ -116,7 +115,7 @@ class PrefillTransferManager(TransferManager):
         # Rooms that ended here before decode's info arrived (the request failed or was aborted first): a late
         # info is answered FAILED at once instead of waiting in `_early` until decode's own deadline.
         self._ended: OrderedDict[int, tuple[float, str, str]] = OrderedDict()  # room -> (when, error, reason)
-        self._peers: OrderedDict[str, _Peer] = OrderedDict()  # least recently used first
+        self._peers: OrderedDict[str, DecodePeer] = OrderedDict()  # least recently used first
         self._worker = TransferWorker(self)
         self._spawn(self._worker.run, "worker")
         if bootstrap_addr:
@@ -150,7 +149,7 @@ class PrefillTransferManager(TransferManager):
                 raise ValueError(f"room {chunk.room}: send after finish")
             if r.state.state < TransferState.WAITING_FOR_INPUT and not r.state.terminal:
                 raise ValueError(f"room {chunk.room}: decode's transfer info has not arrived")
-            if chunk.last and r.aux_row is None and not r.state.terminal:
+            if chunk.last and r.aux_row is None and not r.state.terminal and self.cfg.tp_rank == 0:
                 raise ValueError(f"room {chunk.room}: write_aux must come before the last chunk")
             r.pending += 1
             if chunk.last:
@@ -164,6 +163,8 @@ class PrefillTransferManager(TransferManager):
                 raise ValueError(f"room {room}: write_aux after the last chunk")
             if r.state.terminal:
                 return False
+            if self.cfg.tp_rank != 0:
+                return True  # only rank 0 writes the aux row
             if r.aux_row is None:
                 r.aux_row = self.aux.allocate()
                 if r.aux_row is None:
@@ -211,78 +212,6 @@ class PrefillTransferManager(TransferManager):
         else:
             log.warning("prefill: unexpected %s message dropped", type(msg).__name__)
 
-    def _on_registration(self, msg: Registration) -> None:
-        if msg.tp_size != self.cfg.tp_size:
-            log.error(
-                "prefill: refusing decode %s with tp_size %d (prefill has %d): different TP sizes are "
-                "not supported yet",
-                msg.session,
-                msg.tp_size,
-                self.cfg.tp_size,
-            )
-            return
-        expected = len(self.regions)
-        bases = [*msg.k_bases, *msg.v_bases]
-        if len(bases) + 1 != expected or msg.page_bytes != self.pool.page_bytes:
-            log.error(
-                "prefill: decode %s registered an incompatible layout (%d regions of %d-byte pages)",
-                msg.session,
-                len(bases),
-                msg.page_bytes,
-            )
-            return
-        regions = [MemoryRegion(b, msg.page_bytes, msg.num_pages) for b in bases]
-        regions.append(MemoryRegion(msg.aux_base, msg.aux_row_bytes, msg.aux_rows))
-        with self._lock:
-            known = self._peers.get(msg.session)
-            if known is not None and known.metadata == msg.backend_metadata and known.regions == regions:
-                known.endpoint = msg.endpoint
-                self._peers.move_to_end(msg.session)
-                return
-            for session, peer in list(self._peers.items()):
-                if peer.endpoint == msg.endpoint and session != msg.session:
-                    why = (
-                        f"decode at {msg.endpoint} restarted (session {session} -> {msg.session}); "
-                        "its in-flight transfers are lost"
-                    )
-                    self._drop_peer(session, why)
-            if known is not None:
-                self.backend.remove_peer(msg.session)
-            self.backend.add_peer(msg.session, msg.backend_metadata, regions)
-            self._peers[msg.session] = _Peer(msg.endpoint, msg.backend_metadata, regions)
-            self._evict_idle_peers()
-        log.info("prefill: decode %s registered (%s)", msg.session, msg.backend)
-
-    def _drop_peer(self, session: str, why: str) -> None:
-        """Forget a decode session: its engine peer, its socket, its early infos; fail its rooms. Lock held."""
-        peer = self._peers.pop(session, None)
-        if peer is None:
-            return
-        self.backend.remove_peer(session)  # NIXL cancels its writes; Mooncake's stop at the next batch
-        self.forget_endpoint(peer.endpoint)
-        failed = 0
-        for room, r in self._rooms.items():
-            if session in r.infos and r.state.fail(why, FailureReason.PEER_RESTARTED):
-                r.failed_at = now()
-                failed += 1
-                self._conclude(room, r)
-        for room, (_, infos) in list(self._early.items()):
-            infos[:] = [i for i in infos if i.session != session]
-            if not infos:
-                del self._early[room]
-        log.warning("prefill: %s; failed %d rooms", why, failed)
-
-    def _evict_idle_peers(self) -> None:
-        """Keep at most MAX_PEERS sessions, forgetting the least recently used idle ones. Lock held."""
-        if len(self._peers) <= MAX_PEERS:
-            return
-        busy = {session for r in self._rooms.values() for session in r.infos}
-        for session in list(self._peers):
-            if len(self._peers) <= MAX_PEERS:
-                break
-            if session not in busy:
-                self._drop_peer(session, f"forgot idle decode session {session} ({MAX_PEERS} peers at most)")
-
     def _on_transfer_info(self, info: TransferInfo) -> None:
         with self._lock:
             if info.session not in self._peers or info.prefill_instance != self.instance:
@@ -307,24 +236,23 @@ class PrefillTransferManager(TransferManager):
             self._accept_info(r, info)
 
     def _accept_info(self, r: PrefillRoom, info: TransferInfo) -> None:
-        endpoint = self._peers[info.session].endpoint
-        if info.session in r.infos or len(r.infos) >= max(r.required, 1) or r.state.terminal:
-            self.send(
-                endpoint,
-                Status(
-                    info.room,
-                    TransferState.FAILED,
-                    self.cfg.tp_rank,
-                    f"duplicate bootstrap_room {info.room}",
-                    reason=FailureReason.FAILED.value,
-                    session=info.session,
-                ),
-            )
+        """Take one decode rank's info for the room; the room is ready once every decode rank's arrived."""
+        peer = self._peers[info.session]
+        ranks = {self._peers[s].tp_rank for s in r.infos if s in self._peers}
+        other = info.session in r.infos or peer.tp_rank in ranks or (r.infos and info.required_dsts != r.required)
+        if other or len(r.infos) >= max(r.required, 1) or r.state.terminal:
+            error = f"duplicate bootstrap_room {info.room}"
+        elif info.required_dsts != peer.tp_size:
+            error = f"room {info.room}: info for {info.required_dsts} decode ranks from a decode of TP{peer.tp_size}"
+        else:
+            r.infos[info.session] = info
+            r.required = info.required_dsts
+            if len(r.infos) >= r.required:
+                r.state.advance(TransferState.WAITING_FOR_INPUT)
             return
-        r.infos[info.session] = info
-        r.required = info.required_dsts
-        if len(r.infos) >= r.required:
-            r.state.advance(TransferState.WAITING_FOR_INPUT)
+        status = Status(info.room, TransferState.FAILED, self.cfg.tp_rank, error, reason=FailureReason.FAILED.value,
+                        session=info.session)  # fmt: skip
+        self.send(peer.endpoint, status)
 
     def _on_abort(self, msg: Abort) -> None:
         with self._lock:
@@ -380,7 +308,7 @@ class PrefillTransferManager(TransferManager):
             if not (drained or hung):
                 return
             if r.aborted_by_us:
-                self._tell_decode(room, r, Abort(room, self.endpoint, r.state.error))
+                self._tell_decode(room, r, Abort(room, self.endpoint, r.state.error, sender_rank=self.cfg.tp_rank))
             else:
                 self._tell_decode(
                     room,

@@ -32,7 +32,7 @@ from contracts.metrics import FailureReason
 from engine.device import DeviceEvent
 from transfer.backends import Copy, TransferError, WriteStatus
 from transfer.manager import ERROR_BACKOFF_S
-from transfer.planner import aux_region, layer_copies, merge_runs
+from transfer.planner import aux_region, kv_copies
 from transfer.protocol import Status, TransferInfo, TransferState
 from transfer.state import RoomState
 
@@ -164,9 +164,11 @@ class TransferWorker:
             if r is None:
                 return
             plan = self._plan(chunk, r)
-            if not plan:  # the room ended (or just failed): maybe it drained now
+            if plan is None:  # the room ended (or just failed): maybe it drained now
                 m._conclude(chunk.room, r)
                 return
+            # under another TP size a decode rank may get nothing from this rank: no engine call for it
+            plan = [p for p in plan if p[1]]
             r.inflight += len(plan)  # from here the room cannot conclude nor its pages be freed
         # The engine call runs without the lock: the scheduler takes it to queue its next group meanwhile.
         writes: list[_Write] = []
@@ -185,18 +187,22 @@ class TransferWorker:
             if error:
                 m._fail(chunk.room, r, error, FailureReason.FAILED)
                 m._conclude(chunk.room, r)
-            elif r.state.advance(TransferState.TRANSFERRING):
+                return
+            if r.state.advance(TransferState.TRANSFERRING):
                 for info in r.infos.values():
                     peer = m._peers.get(info.session)
                     if peer is not None:
                         status = Status(chunk.room, TransferState.TRANSFERRING, m.cfg.tp_rank, session=info.session)
                         m.send(peer.endpoint, status)
+            if not writes:  # nothing of this chunk to write: the room may be complete now
+                m._conclude(chunk.room, r)
 
-    def _plan(self, chunk: Chunk, r: PrefillRoom) -> list[tuple[str, list[Copy], int]]:
-        """(session, copies, bytes) per decode destination; [] if there is nothing to write. Lock held."""
+    def _plan(self, chunk: Chunk, r: PrefillRoom) -> list[tuple[str, list[Copy], int]] | None:
+        """(session, copies, bytes) per decode destination (copies may be empty: nothing of this chunk goes
+        there); None when the room ended, or failed planning. Lock held."""
         m = self.m
         if r.state.terminal:
-            return []
+            return None
         plan = []
         try:
             for info in r.infos.values():
@@ -204,16 +210,22 @@ class TransferWorker:
                 plan.append((info.session, copies, sum(c.count * m.regions[c.region].item_bytes for c in copies)))
         except TransferError as e:
             m._fail(chunk.room, r, f"cannot write room {chunk.room}: {e}", FailureReason.FAILED)
-            return []
+            return None
         return plan
 
     def _copies(self, chunk: Chunk, r: PrefillRoom, info: TransferInfo) -> list[Copy]:
+        """What this rank writes of the chunk into one decode rank: its head slices of each page (every head, in
+        page runs, under the same TP size), then the aux row (rank 0 to decode rank 0 only)."""
         m = self.m
         if len(chunk.src_pages) > len(info.dst_pages):
             raise TransferError(f"{len(chunk.src_pages)} source pages but decode reserved {len(info.dst_pages)}")
-        runs = merge_runs(chunk.src_pages, info.dst_pages[: len(chunk.src_pages)])
-        copies = layer_copies(chunk.start, chunk.end, m.num_layers, runs)
-        if chunk.last:
+        peer = m._peers.get(info.session)
+        if peer is None:
+            raise TransferError(f"decode session {info.session} is not registered any more")
+        dst = info.dst_pages[: len(chunk.src_pages)]
+        heads = m.pool.layout.num_kv_heads
+        copies = kv_copies(chunk.start, chunk.end, m.num_layers, chunk.src_pages, dst, peer.slices, heads, peer.heads)
+        if chunk.last and m.cfg.tp_rank == 0 and peer.tp_rank == 0:
             if r.aux_row is None:  # KVSender refuses a last chunk without a row: a bug if seen
                 raise TransferError("the aux row was not written before the room's last chunk")
             copies.append(Copy(aux_region(m.num_layers), r.aux_row, info.aux_row, 1))  # last: after every KV copy

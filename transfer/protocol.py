@@ -15,7 +15,10 @@ from typing import ClassVar
 
 from contracts.codec import Codec, CodecError, Record
 
-PROTOCOL_VERSION = 3  # v2: Status carries the failure's typed reason; v3: instance ids (peer restarts), UnknownSession
+# v2: Status carries the failure's typed reason; v3: instance ids (peer restarts), UnknownSession; v4: tensor
+# parallelism on both sides, of different sizes: a KV item is one head of one page, Registration carries the decode
+# rank's KV heads, decode registers with and sends its info to every prefill rank, Abort names its sender rank.
+PROTOCOL_VERSION = 4
 
 # The codec's own error: `except ProtocolError` catches every decoding failure of this channel.
 ProtocolError = CodecError
@@ -33,7 +36,9 @@ class TransferState(enum.IntEnum):
 
 @dataclass
 class Registration(Record):
-    """Decode → prefill, once per connection: where decode's KV memory is and how to reach it."""
+    """Decode rank → each prefill rank, once per connection: where the decode rank's KV memory is, which KV heads
+    it holds, and how to reach it. A K or V region's item is one KV head of one page (HND pool): page p, local head
+    h is item p * num_kv_heads + h."""
 
     TYPE: ClassVar[str] = "register"
     session: str  # decode's session id: its control endpoint plus its instance id (new with every start)
@@ -42,18 +47,21 @@ class Registration(Record):
     backend_metadata: bytes
     k_bases: list[int]  # per layer
     v_bases: list[int]
-    page_bytes: int
-    num_pages: int
+    item_bytes: int  # one KV head of one page: page_size * head_dim * dtype size (the same on every rank)
+    num_items: int  # items of each K/V region: (pages + 1) * num_kv_heads
     aux_base: int
     aux_row_bytes: int
     aux_rows: int
     tp_rank: int
     tp_size: int
+    kv_head_start: int  # the first of the model's KV heads this decode rank holds
+    num_kv_heads: int  # how many it holds
+    total_kv_heads: int  # the model's
 
 
 @dataclass
 class TransferInfo(Record):
-    """Decode → prefill, per request: where this room's KV and aux row go."""
+    """Decode rank → each prefill rank, per request: where this room's KV and aux row go on that decode rank."""
 
     TYPE: ClassVar[str] = "transfer_info"
     room: int
@@ -63,7 +71,7 @@ class TransferInfo(Record):
     dst_pages: list[int]
     aux_row: int
     prompt_len: int
-    required_dsts: int = 1  # how many decode ranks the prefill rank must hear from before it may send
+    required_dsts: int = 1  # how many decode ranks (decode's TP size) the prefill rank must hear from before it sends
 
 
 @dataclass
@@ -90,6 +98,7 @@ class Abort(Record):
     endpoint: str  # where to send the ack
     reason: str = ""
     session: str = ""  # the decode session of the room (sender's or addressee's)
+    sender_rank: int = 0  # the sender's TP rank
 
 
 @dataclass

@@ -98,7 +98,7 @@ class EventOrderRun:
         )  # fmt: skip
         self.room = 1000
         pool = self.engine.pool
-        zero = torch.zeros((layout.page_size, layout.num_kv_heads, layout.head_dim), dtype=layout.dtype)
+        zero = torch.zeros((layout.num_kv_heads, layout.page_size, layout.head_dim), dtype=layout.dtype)  # a page (HND)
         self.zero_hash = hashlib.sha1(zero.view(torch.uint8).numpy().tobytes()).hexdigest()
         self.cycles = sleep_cycles(LAG_MS)
         self.pool = pool

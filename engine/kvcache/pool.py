@@ -47,12 +47,13 @@ class KVLayout:
         return str(self.dtype).removeprefix("torch.")
 
     def wire(self) -> dict[str, int | str]:
-        """The layout under the names the bootstrap route carries (DESIGN §3.2): what both sides compare."""
+        """The model's KV geometry under the names the bootstrap route carries (DESIGN §3.2): what both sides
+        compare. `num_kv_heads` is the model's (not this rank's share): sides of different TP sizes agree on it."""
         return {
             "page_size": self.page_size,
             "kv_dtype": self.dtype_name,
             "num_layers": self.num_layers,
-            "num_kv_heads": self.num_kv_heads,
+            "num_kv_heads": self.model_kv_heads,
             "head_dim": self.head_dim,
         }
 
