@@ -20,7 +20,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from contracts.http import DEFAULT_MAX_BODY_BYTES
 from contracts.pd import DEFAULT_BOOTSTRAP_PORT
 from engine.config import EngineConfig, ModelConfig
+from engine.ports import free_port
 from transfer.config import TransferConfig
 from transfer.planner import PipelineSettings
 
@@ -145,7 +145,7 @@ def _serve(settings: ServerSettings, make_scheduler: MakeScheduler, crashed: thr
         # the server down (the watchers), so a half server never answers /health.
         ctx = mp.get_context("spawn")
         tp_size = settings.engine.tp_size
-        init_address = f"tcp://127.0.0.1:{_free_port()}" if tp_size > 1 else ""
+        init_address = f"tcp://127.0.0.1:{free_port()}" if tp_size > 1 else ""
         for rank in range(tp_size):
             child = ctx.Process(
                 target=_scheduler_main,
@@ -203,13 +203,6 @@ def _watch_child(child: mp.process.BaseProcess, stopping: threading.Event, crash
         crashed.set()
         log.error("%s %s exited (code %s); shutting the server down", role, child.name, child.exitcode)
         os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _free_port() -> int:
-    """A free local port for the ranks' process-group rendezvous (rank 0's TCP store)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _server_args(s: ServerSettings) -> dict[str, Any]:

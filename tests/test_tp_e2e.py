@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from harness.stack import Proc, Stack, find_key
+from harness.stack import MODEL, Proc, Stack, find_key
 from serving.launch import RANK_ENV
 from tests.test_serving_e2e import PROMPTS, reference  # noqa: F401 (fixture)
 
@@ -63,10 +63,10 @@ def test_tp_generation_matches_transformers(backend, p, d, reference):  # noqa: 
             assert httpx.get(f"{url}/model_info", timeout=5).json()["tp_size"] == tp
         client = openai.OpenAI(base_url=f"{stack.router_url}/v1", api_key="none", max_retries=0)
         for prompt in PROMPTS[:3]:
-            out = client.completions.create(model="m", prompt=prompt, max_tokens=12, temperature=0)
+            out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
             assert out.choices[0].text == decode(generate(text_ids(prompt), 12)), prompt
         messages = [{"role": "user", "content": "Say something."}]
-        chat = client.chat.completions.create(model="m", messages=messages, max_tokens=10, temperature=0)
+        chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
         assert chat.choices[0].message.content == decode(generate(chat_ids(messages), 10))
         # several prompts in one batch through /generate
         body = {"text": PROMPTS, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
