@@ -119,8 +119,8 @@ def rank_pid(proc: Proc, rank: int) -> int:
 def test_rank_killed_mid_transfer(side):
     """Kill rank 1 of one server while requests are in flight (slow emulated link): that server goes down
     whole, every request ends (an answer or an error, no hang), and the other server's pages all come back."""
-    # 0.002 Gbit/s: each prompt's KV takes seconds on the wire, so the kill lands mid-transfer
-    stack = tp_stack("mooncake", 2, 2, prefill_extra=["--emulated-link-gbps", "0.002"])
+    # 0.0005 Gbit/s: each prompt's KV (~100 KB) takes over a second on the wire, so the kill lands mid-transfer
+    stack = tp_stack("mooncake", 2, 2, prefill_extra=["--emulated-link-gbps", "0.0005"])
     try:
         results: list[object] = []
 
@@ -135,6 +135,7 @@ def test_rank_killed_mid_transfer(side):
         for t in threads:
             t.start()
         time.sleep(1.5)
+        assert len(results) < 4, "every request ended before the kill: the test would prove nothing"
         victim = stack.proc(side)
         os.kill(rank_pid(victim, 1), 9)
         t0 = time.monotonic()
