@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import threading
 import time
@@ -149,8 +150,12 @@ class Peer:
         reason = h.reason.value if h.reason is not None else None
         out = {"state": h.poll().name, "error": h.error, "reason": reason, "safe": h.safe_to_free()}
         if self.role == "decode" and out["state"] == "SUCCESS":
-            row = h.result()
-            out["aux"] = [row.room, row.prompt_len, row.first_token, row.logprob]
+            if self.mgr.cfg.tp_rank == 0:  # the aux row reaches decode rank 0 only
+                row = h.result()
+                out["aux"] = [row.room, row.prompt_len, row.first_token, row.logprob]
+            # what the room's own aux row holds in memory (on ranks != 0: never written, zeros)
+            row = self.mgr.aux.read(self.mgr._room(room).aux_row)
+            out["aux_memory"] = [row.room, row.prompt_len, row.first_token, row.logprob]
         return out
 
     def cmd_abort(self, room: int) -> dict:
@@ -250,15 +255,20 @@ class Peer:
 
 
 def main() -> None:
+    # Replies go to the real stdout; fd 1 itself becomes stderr, so a native library printing to stdout (UCX logs
+    # a refused reconnect there when a peer dies) cannot garble the JSON-line channel.
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     peer = Peer(json.loads(sys.argv[1]))
-    print(json.dumps({"ok": True, **peer.cmd_info()}), flush=True)
+    print(json.dumps({"ok": True, **peer.cmd_info()}), file=replies, flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         try:
             reply = {"ok": True, **getattr(peer, f"cmd_{req.pop('cmd')}")(**req)}
         except Exception as e:
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
-        print(json.dumps(reply), flush=True)
+        print(json.dumps(reply), file=replies, flush=True)
     peer.mgr.close()
 
 

@@ -10,6 +10,12 @@ remote prep ~10 ms. Loading the peer's metadata (``add_remote_agent``) adds ~10 
 1,024 items: index expansion ~40 us, ``make_prepped_xfer`` ~4 us, ``transfer()`` ~150 us for 256 KiB (on one
 host UCX copies through shared memory/CMA inside that call).
 
+Items are one KV head of one page (transfer/planner.py), so a pool holds (pages + 1) x KV heads items per region:
+the prepared lists grow by the number of KV heads held (8x for a rank of 8 heads against page items). In the
+compressed form that is still one row per region (only NIXL's own expansion grows); a write's index arrays grow
+the same way (a run of n pages is n x heads indices), while the number of copies we plan does not (one per page
+run under the same TP, one per page for a head slice).
+
 ``metadata()`` is NIXL's agent metadata behind a small header carrying our memory type and GPU index: NIXL
 finds a remote descriptor by (memory type, device id, address), and MemoryRegion does not say on which device
 the peer's buffers live, so the peer must tell us.
