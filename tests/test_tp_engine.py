@@ -101,7 +101,10 @@ def layer_range_forward(engine, prompts: list[list[int]], ranges: list[int], mod
         fwd.run_layers(a, b)
     logits = fwd.logits(all_tokens=True)
     slots = torch.cat([batch.kv_slots(i) for i in range(len(prompts))])
-    keys = [engine.pool.gather_k(layer, slots).clone() for layer in range(LAYERS)]
+    pool = engine.pool  # token-major K of the slots, whatever the pool's page layout
+    keys = [
+        (pool.gather_k(i, slots) if hasattr(pool, "gather_k") else pool.flat_k(i)[slots]).clone() for i in range(LAYERS)
+    ]
     for p in pages:
         alloc.free(p)
     return logits, keys
