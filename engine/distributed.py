@@ -22,7 +22,6 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from engine.device import resolve_device
+from engine.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -177,15 +177,9 @@ def init_tp_group(
 # -- spawning ranks ---------------------------------------------------------------------------------------
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def init_address(host: str = "127.0.0.1") -> str:
-    """A fresh rendezvous address for a group whose rank 0 runs on this machine."""
+    """A fresh rendezvous address for a group whose rank 0 runs on this machine (its port drawn below the
+    ephemeral range, engine/ports.py: gloo's own connections could take a bind(0) port before rank 0 binds)."""
     return f"tcp://{host}:{free_port(host)}"
 
 
