@@ -233,6 +233,8 @@ class PrefillScheduler(SchedulerLoop):
         try:
             sample, groups = prefill_and_send(self.engine, reqs, senders, rooms, self.pipeline)
         except Exception as e:
+            if not self.sync.single:
+                raise  # the ranks cannot retry in lockstep: the loop stops this rank, and the server with it
             # Every job of the batch is answered, and its room aborted: a pipelined batch may already have
             # queued some layer groups, so the pages wait in the reaper until those writes drained.
             log.exception("prefill: a batch of %d requests failed in the forward", len(batch))

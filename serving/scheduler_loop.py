@@ -129,6 +129,13 @@ class SchedulerLoop:
             worked = self.step()
         except Exception:  # keep serving; the servers fail the requests a failure belongs to before this
             log.exception("%s scheduler: step failed", self.role.value)
+            if not self.sync.single:
+                # The ranks can no longer be known to be in lockstep (a peer may wait in a collective this rank
+                # never reaches): stop this rank; the launcher then takes the whole server down.
+                log.error(
+                    "%s scheduler rank %d: stopping the server after a failed step", self.role.value, self.sync.rank
+                )
+                raise
         now = time.monotonic()
         if self.sync.leader and now - self._last_stats >= _STATS_EVERY_S:
             self._last_stats = now
