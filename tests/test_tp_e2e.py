@@ -103,6 +103,33 @@ def test_tp_pipelined_prefill(backend, reference):  # noqa: F811
         stack.stop()
 
 
+@pytest.mark.parametrize(("backend", "p", "d"), [("mooncake", 2, 1), ("nixl", 1, 2)])
+def test_tp_replicated_kv_heads(backend, p, d):
+    """One KV head: at TP2 both ranks of a side hold it (replicated); the other side must still get it once."""
+    import torch
+    import transformers
+
+    from engine.builtin import resolve_model
+
+    model = "builtin:tiny-llama-mqa"
+    path = resolve_model(model)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    stack = tp_stack(backend, p, d, model=model)
+    try:
+        for prompt in PROMPTS[:3]:
+            ids = tok(prompt, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                want = ref.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0, len(ids) :].tolist()
+            body = {"text": prompt, "sampling_params": {"max_new_tokens": 10, "temperature": 0}}
+            r = httpx.post(f"{stack.router_url}/generate", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.json()["output_ids"] == want, prompt
+        wait_pages_free(stack)
+    finally:
+        stack.stop()
+
+
 def rank_pid(proc: Proc, rank: int) -> int:
     """The pid of the scheduler process of `rank` in a server's process tree."""
     for pid in proc.pids():
