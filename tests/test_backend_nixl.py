@@ -306,3 +306,45 @@ def test_write_to_killed_peer_fails_quickly(target, initiator, warm: bool) -> No
 
 if __name__ == "__main__" and sys.argv[1:] == ["target"]:
     _target_main()
+
+
+@pytest.mark.parametrize("compressed", [True, False], ids=["nx5", "expanded"])
+@pytest.mark.parametrize(("src_unit", "dst_unit"), [(4, 4), (4, 2), (2, 4)], ids=["same", "to-fewer", "to-more"])
+def test_writes_at_a_coarser_granularity_land_exactly(compressed: bool, src_unit: int, dst_unit: int) -> None:
+    """KV regions whose items come in groups (the heads of a page): whole groups go as one descriptor each, and
+    the aux rows alongside stay rows (transfer/backends/nixl_dlist.py)."""
+    from transfer.backends.nixl_dlist import granularity, indices, offsets
+
+    def units(bufs: list[torch.Tensor], unit: int) -> list[MemoryRegion]:
+        return [MemoryRegion(r.base, r.item_bytes, r.num_items, unit if i < 4 else 1)
+                for i, r in enumerate(regions_of(bufs))]  # fmt: skip
+
+    src, dst = make_buffers(seed=3), make_buffers(seed=None)
+    a, b = new_backend(nixl_compressed_dlist=compressed), new_backend(nixl_compressed_dlist=compressed)
+    try:
+        mine, theirs = units(src, src_unit), units(dst, dst_unit)
+        a.register(mine, torch.device("cpu"))
+        b.register(theirs, torch.device("cpu"))
+        a.add_peer("decode", b.metadata(), theirs)
+        step = min(src_unit, dst_unit)  # a head slice of `step` heads per page, as the head map plans
+        copies = [Copy(0, 0, 8, 8), Copy(1, 2 * src_unit, 3 * dst_unit, step), Copy(2, 4, 12, 4),
+                  Copy(4, 1, 5, 1)]  # fmt: skip
+        g = granularity(copies, mine, theirs)
+        assert g == step
+        assert indices(copies, mine, offsets(mine, g), g, src=True).size == 8 // g + 1 + 4 // g + 1
+        before = [t.clone() for t in dst]
+        handle = a.submit_write("decode", copies)
+        assert wait(a, handle) == (WriteStatus.DONE, "")
+        a.release(handle)
+        want = expected_after(before, src, copies)
+        assert all(torch.equal(got, exp) for got, exp in zip(dst, want, strict=True))
+        # an odd item falls back to item descriptors for the whole write
+        odd = [Copy(3, 1, 2, 3)]
+        assert granularity(odd, mine, theirs) == 1
+        handle = a.submit_write("decode", odd)
+        assert wait(a, handle) == (WriteStatus.DONE, "")
+        a.release(handle)
+        assert torch.equal(dst[3], expected_after(want, src, odd)[3])
+    finally:
+        a.close()
+        b.close()

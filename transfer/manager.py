@@ -71,7 +71,7 @@ def kv_regions(pool: KVPool) -> list[MemoryRegion]:
     size whatever their TP sizes (transfer/planner.py)."""
     layout = pool.layout
     n = (pool.num_pages + 1) * layout.num_kv_heads
-    return [MemoryRegion(t.data_ptr(), layout.head_bytes, n) for t in (*pool.k, *pool.v)]
+    return [MemoryRegion(t.data_ptr(), layout.head_bytes, n, layout.num_kv_heads) for t in (*pool.k, *pool.v)]
 
 
 def check_rank_layout(cfg: TransferConfig, pool: KVPool) -> None:

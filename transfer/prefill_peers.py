@@ -77,7 +77,7 @@ class PeerTable:
         layout = self.pool.layout
         slices = head_slices(layout.model_kv_heads, self.cfg.tp_size, msg.tp_size, self.cfg.tp_rank, msg.tp_rank)
         bases = [*msg.k_bases, *msg.v_bases]
-        regions = [MemoryRegion(b, msg.item_bytes, msg.num_items) for b in bases]
+        regions = [MemoryRegion(b, msg.item_bytes, msg.num_items, msg.num_kv_heads) for b in bases]
         regions.append(MemoryRegion(msg.aux_base, msg.aux_row_bytes, msg.aux_rows))
         with self._lock:
             known = self._peers.get(msg.session)

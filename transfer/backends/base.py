@@ -22,11 +22,14 @@ class TransferError(RuntimeError):
 
 @dataclass(frozen=True)
 class MemoryRegion:
-    """A registered buffer; item i lives at `base + i * item_bytes` (a KV layer buffer: item = page)."""
+    """A registered buffer; item i lives at `base + i * item_bytes` (a KV layer buffer: item = one KV head of one
+    page). `unit`: items that writes usually move together (a KV region: the heads of a page; 1 otherwise), a hint
+    a backend may use to describe writes coarser (transfer/backends/nixl_dlist.py); copies are always in items."""
 
     base: int
     item_bytes: int
     num_items: int
+    unit: int = 1
 
     @property
     def nbytes(self) -> int:

@@ -11,10 +11,10 @@ remote prep ~10 ms. Loading the peer's metadata (``add_remote_agent``) adds ~10 
 host UCX copies through shared memory/CMA inside that call).
 
 Items are one KV head of one page (transfer/planner.py), so a pool holds (pages + 1) x KV heads items per region:
-the prepared lists grow by the number of KV heads held (8x for a rank of 8 heads against page items). In the
-compressed form that is still one row per region (only NIXL's own expansion grows); a write's index arrays grow
-the same way (a run of n pages is n x heads indices), while the number of copies we plan does not (one per page
-run under the same TP, one per page for a head slice).
+8x the descriptors of page items for a rank of 8 heads. NIXL posts one operation per descriptor, and per-head
+descriptors cost same-TP writes ~45% of their throughput on loopback, so writes are described at a granularity
+(transfer/backends/nixl_dlist.py): whole pages for same-TP writes (one descriptor per page, as with page items),
+one descriptor per head slice of a page otherwise; a list per granularity used, prepared on first use.
 
 ``metadata()`` is NIXL's agent metadata behind a small header carrying our memory type and GPU index: NIXL
 finds a remote descriptor by (memory type, device id, address), and MemoryRegion does not say on which device
@@ -50,12 +50,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from transfer.backends.base import BackendSettings, Copy, MemoryRegion, TransferBackend, TransferError, WriteStatus
 from transfer.backends.gpu_memory import probe_nixl, require_gpu_memory
 from transfer.backends.nixl_agent import PROGRESS_DELAY_US, UCX, make_agent, nixl_error
+from transfer.backends.nixl_dlist import descriptor_rows, granularity, indices, offsets
 
 log = logging.getLogger(__name__)
 
@@ -66,44 +66,13 @@ _MD_MAGIC = b"PDNX1"
 _MEM_TYPES = ("DRAM", "VRAM")
 
 
-def _offsets(regions: list[MemoryRegion]) -> list[int]:
-    out, total = [], 0
-    for r in regions:
-        out.append(total)
-        total += r.num_items
-    return out
-
-
-def _descriptor_rows(regions: list[MemoryRegion], dev_id: int, compressed: bool) -> np.ndarray:
-    """One descriptor per item of every region, in region order, as NIXL's Nx5 (compressed) or Nx3 array."""
-    if compressed:
-        # Regions without items are left out; they add no descriptors, so the offsets stay right.
-        rows = [(r.base, r.item_bytes, dev_id, r.item_bytes, r.num_items) for r in regions if r.num_items > 0]
-        return np.array(rows, dtype=np.uint64).reshape(-1, 5)
-    total = sum(r.num_items for r in regions)
-    arr = np.empty((total, 3), dtype=np.uint64)
-    for r, off in zip(regions, _offsets(regions), strict=True):
-        rows = arr[off : off + r.num_items]
-        rows[:, 0] = np.uint64(r.base) + np.arange(r.num_items, dtype=np.uint64) * np.uint64(r.item_bytes)
-        rows[:, 1] = r.item_bytes
-        rows[:, 2] = dev_id
-    return arr
-
-
-def _runs_to_indices(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenate ``range(s, s + c)`` for each run, vectorised (a write can be thousands of items)."""
-    total = int(counts.sum())
-    # Each item's index is its run's start plus its position within the run.
-    run_begin = np.cumsum(counts) - counts
-    return (np.repeat(starts - run_begin, counts) + np.arange(total, dtype=np.int64)).astype(np.int32)
-
-
 @dataclass
 class _Peer:
     agent_name: Any  # as add_remote_agent returned it (bytes in NIXL 1.5); passed back to NIXL unchanged
     regions: list[MemoryRegion]
-    offsets: list[int]
-    dlist: Any  # nixl_prepped_dlist_handle over the peer's items
+    mem_type: str
+    dev_id: int
+    dlists: dict[int, Any]  # granularity -> nixl_prepped_dlist_handle over the peer's items (nixl_dlist.py)
     layout_error: str  # non-empty when the peer's regions do not match ours; writes are refused
 
 
@@ -144,12 +113,11 @@ class NixlBackend(TransferBackend):
         self._lock = threading.RLock()
         self._compressed = bool(settings.extra.get("nixl_compressed_dlist", True))
         self._regions: list[MemoryRegion] = []
-        self._offsets: list[int] = []
         self._mem_type = "DRAM"
         self._dev_id = 0
         self._reg_descs: Any = None  # what register_memory returned, for deregistration
         self._registered = False
-        self._local_dlist: Any = None
+        self._local_dlists: dict[int, Any] = {}  # granularity -> our prepared descriptor list
         self._peers: dict[str, _Peer] = {}
         self._live: set[_Write] = set()
         self._closed = False
@@ -178,12 +146,11 @@ class NixlBackend(TransferBackend):
             try:
                 if reg:
                     self._reg_descs = self._agent.register_memory(reg, self._mem_type, backends=[UCX])
-                self._local_dlist = self._prep(_LOCAL, regions, self._mem_type, self._dev_id)
+                self._local_dlists[1] = self._prep(_LOCAL, regions, self._mem_type, self._dev_id)
             except Exception as e:
                 self._deregister()
                 raise nixl_error(f"NIXL could not register {len(regions)} regions ({self._mem_type})", e) from e
             self._regions = list(regions)
-            self._offsets = _offsets(regions)
             self._registered = True
 
     def _ucx_mem_types(self) -> list[str] | None:
@@ -193,11 +160,11 @@ class NixlBackend(TransferBackend):
             log.info("NIXL: cannot list the UCX memory types (%s)", e)
             return None
 
-    def _prep(self, agent: Any, regions: list[MemoryRegion], mem_type: str, dev_id: int) -> Any:
+    def _prep(self, agent: Any, regions: list[MemoryRegion], mem_type: str, dev_id: int, g: int = 1) -> Any:
         if self._compressed:
             try:
                 return self._agent.prep_xfer_dlist(
-                    agent, _descriptor_rows(regions, dev_id, True), mem_type, backends=[UCX]
+                    agent, descriptor_rows(regions, dev_id, True, g), mem_type, backends=[UCX]
                 )
             except Exception as e:
                 if agent != _LOCAL:
@@ -205,7 +172,16 @@ class NixlBackend(TransferBackend):
                 # NIXL before the Nx5 form: it takes the array for something else and fails; expand instead.
                 log.info("NIXL rejected a compressed descriptor list (%s); using one row per item", e)
                 self._compressed = False
-        return self._agent.prep_xfer_dlist(agent, _descriptor_rows(regions, dev_id, False), mem_type, backends=[UCX])
+        rows = descriptor_rows(regions, dev_id, False, g)
+        return self._agent.prep_xfer_dlist(agent, rows, mem_type, backends=[UCX])
+
+    def _dlists(self, state: _Peer, g: int) -> tuple[Any, Any]:
+        """Our and the peer's descriptor lists at granularity `g`, prepared on first use. Lock held."""
+        if g not in self._local_dlists:
+            self._local_dlists[g] = self._prep(_LOCAL, self._regions, self._mem_type, self._dev_id, g)
+        if g not in state.dlists:
+            state.dlists[g] = self._prep(state.agent_name, state.regions, state.mem_type, state.dev_id, g)
+        return self._local_dlists[g], state.dlists[g]
 
     def metadata(self) -> bytes:
         with self._lock:
@@ -242,7 +218,8 @@ class NixlBackend(TransferBackend):
                     f"({_MEM_TYPES[mem_code]} device {dev_id})",
                     e,
                 ) from e
-            self._peers[peer] = _Peer(remote, list(regions), _offsets(regions), dlist, self._layout_error(regions))
+            mem_type = _MEM_TYPES[mem_code]
+            self._peers[peer] = _Peer(remote, list(regions), mem_type, dev_id, {1: dlist}, self._layout_error(regions))
             if self._peers[peer].layout_error:
                 log.warning("NIXL peer %r: %s; writes to it will fail", peer, self._peers[peer].layout_error)
 
@@ -266,10 +243,11 @@ class NixlBackend(TransferBackend):
                 w.status, w.error = WriteStatus.FAILED, f"write to {peer!r} cancelled: {why}"
             self._release_write(w)
         state = self._peers.pop(peer)
-        try:
-            state.dlist.release()
-        except Exception as e:
-            log.warning("NIXL: releasing the descriptors of peer %r failed: %s", peer, e)
+        for dlist in state.dlists.values():
+            try:
+                dlist.release()
+            except Exception as e:
+                log.warning("NIXL: releasing the descriptors of peer %r failed: %s", peer, e)
         self._forget_remote(state.agent_name)
 
     def _forget_remote(self, remote: Any) -> None:
@@ -288,11 +266,15 @@ class NixlBackend(TransferBackend):
                 raise TransferError(f"NIXL backend: unknown peer {peer!r} (known: {sorted(self._peers)})")
             if state.layout_error:
                 raise TransferError(f"NIXL backend: cannot write to peer {peer!r}: {state.layout_error}")
-            local_idx, remote_idx = self._indices(peer, state, copies)
+            self._check_copies(peer, state, copies)
+            g = granularity(copies, self._regions, state.regions)
+            local_idx = indices(copies, self._regions, offsets(self._regions, g), g, src=True)
+            remote_idx = indices(copies, state.regions, offsets(state.regions, g), g, src=False)
             if local_idx.size == 0:
                 return EMPTY_WRITE  # NIXL refuses empty index lists
             try:
-                xfer = self._agent.make_prepped_xfer("WRITE", self._local_dlist, local_idx, state.dlist, remote_idx)
+                local, remote = self._dlists(state, g)
+                xfer = self._agent.make_prepped_xfer("WRITE", local, local_idx, remote, remote_idx)
             except Exception as e:
                 raise nixl_error(f"NIXL could not create a write of {local_idx.size} items to {peer!r}", e) from e
             # A NIXL handle allows one transfer in flight, so every write gets its own handle.
@@ -310,7 +292,7 @@ class NixlBackend(TransferBackend):
             self._live.add(write)
             return write
 
-    def _indices(self, peer: str, state: _Peer, copies: list[Copy]) -> tuple[np.ndarray, np.ndarray]:
+    def _check_copies(self, peer: str, state: _Peer, copies: list[Copy]) -> None:
         n_regions = len(self._regions)
         for c in copies:
             if not 0 <= c.region < n_regions:
@@ -327,10 +309,6 @@ class NixlBackend(TransferBackend):
                     f"NIXL write to {peer!r}: {c} writes past the peer's region {c.region} "
                     f"({state.regions[c.region].num_items} items)"
                 )
-        counts = np.fromiter((c.count for c in copies), dtype=np.int64, count=len(copies))
-        local_starts = np.fromiter((self._offsets[c.region] + c.src for c in copies), np.int64, len(copies))
-        remote_starts = np.fromiter((state.offsets[c.region] + c.dst for c in copies), np.int64, len(copies))
-        return _runs_to_indices(local_starts, counts), _runs_to_indices(remote_starts, counts)
 
     def poll(self, handle: Any) -> tuple[WriteStatus, str]:
         if handle is EMPTY_WRITE:
@@ -400,12 +378,12 @@ class NixlBackend(TransferBackend):
             self._agent = None  # the agent (UCX worker, progress thread) goes away with its last reference
 
     def _deregister(self) -> None:
-        if self._local_dlist is not None:
+        for dlist in self._local_dlists.values():
             try:
-                self._local_dlist.release()
+                dlist.release()
             except Exception as e:
                 log.warning("NIXL: releasing the local descriptors failed: %s", e)
-            self._local_dlist = None
+        self._local_dlists.clear()
         if self._reg_descs is not None:
             try:
                 self._agent.deregister_memory(self._reg_descs, backends=[UCX])
