@@ -311,7 +311,8 @@ class DecodeTransferManager(PrefillWatch, TransferManager):
             leg = r.legs.get(rank)
             if leg is not None:
                 leg.ended = leg.released = True  # every write of its part completed, even if we gave up on it
-            r.done.add(rank)
+            if 0 <= rank < r.prefill_tp:
+                r.done.add(rank)
             if r.state.terminal:
                 return
             r.state.advance(TransferState.TRANSFERRING)
