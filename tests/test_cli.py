@@ -102,3 +102,16 @@ def test_launch_refuses_a_bad_pass_through_flag_before_starting(flags: list[str]
 def test_other_commands_still_refuse_unknown_flags() -> None:
     proc = run_cli("generate", "--prompt", "hi", "--heartbeat-interval", "1")
     assert proc.returncode == 2 and "unrecognized arguments" in proc.stderr
+
+
+def test_launch_sets_each_side_tp_size() -> None:
+    """`--prefill-tp-size`/`--decode-tp-size` reach one server each; a bare `--tp-size` reaches both."""
+    from pdserve.cli import build_parser, engine_argv, forwarded_argv
+    from pdserve.local import child_commands
+
+    for argv, want in ((["--prefill-tp-size", "2", "--decode-tp-size", "1"], (2, 1)),
+                       (["--tp-size", "2", "--decode-tp-size", "4"], (2, 4))):  # fmt: skip
+        args, extra = build_parser().parse_known_args(["launch", *argv])
+        commands = child_commands(args, engine_argv(args), 1, 2, 3, forwarded_argv(extra))
+        p, d = (build_parser().parse_args(commands[n][3:]) for n in ("prefill", "decode"))
+        assert (p.tp_size, d.tp_size) == want, argv
