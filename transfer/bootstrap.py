@@ -186,8 +186,9 @@ class BootstrapServer:
         return 200, ranks[rank].where()
 
 
-def register_rank(bootstrap_addr: str, info: RankInfo, timeout: float = 5.0, attempts: int = 5) -> None:
-    """PUT this rank's info, retrying with backoff while the server starts."""
+def register_rank(bootstrap_addr: str, info: RankInfo, timeout: float = 5.0, attempts: int = 10) -> None:
+    """PUT this rank's info, retrying with backoff while the server starts (~30 s in all: under tensor parallelism
+    ranks other than 0 register at rank 0's server, which may come up after them)."""
     delay = 0.2
     for attempt in range(attempts):
         try:
