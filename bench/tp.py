@@ -15,40 +15,20 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.engine import ours
 from engine.config import EngineConfig
-from engine.device import synchronize
 from engine.distributed import init_address, init_tp_group, spawn_followers, stop_followers
 from engine.engine import Engine
-from engine.sampling import SamplingParams
 
 
 def progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def one_batch(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds per step) of one batch, prefilled in one step."""
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    reqs = [engine.add_request(p, params) for p in prompts]
-    synchronize(engine.device)
-    t0 = time.perf_counter()
-    engine.step()
-    synchronize(engine.device)
-    t1 = time.perf_counter()
-    steps = 0
-    while engine.has_work:
-        engine.step()
-        steps += 1
-    synchronize(engine.device)
-    assert all(len(r.output_ids) == new_tokens for r in reqs)
-    return t1 - t0, (time.perf_counter() - t1) / max(steps, 1)
 
 
 def run_rank(rank: int, address: str, args: argparse.Namespace, threads: int, out: str) -> None:
@@ -61,8 +41,8 @@ def run_rank(rank: int, address: str, args: argparse.Namespace, threads: int, ou
     g = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
     prompts = [torch.randint(0, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
-    one_batch(engine, prompts[:2], 4)  # warm-up
-    runs = [one_batch(engine, prompts, args.new_tokens) for _ in range(args.repeat)]
+    ours(engine, prompts[:2], 4)  # warm-up
+    runs = [ours(engine, prompts, args.new_tokens) for _ in range(args.repeat)]
     prefill = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
     if rank == 0:
