@@ -1,7 +1,9 @@
-"""Start one server: the scheduler in a child process, the HTTP front in this one.
+"""Start one server: the scheduler in a child process per tensor-parallel rank, the HTTP front in this one.
 
-The child loads the model and the transfer engine; the front answers /health with 503 until the child
-says it is ready. If the child dies, the front exits too, so a supervisor (or `pdserve launch`) sees it.
+Each child joins the server's process group (tp > 1), loads its shard of the model and its transfer engine;
+the front talks to rank 0 only and answers /health with 503 until rank 0 says it is ready. If any child dies,
+the front stops the others and exits too, so a supervisor (or `pdserve launch`) sees it and no half server
+keeps answering.
 
 Which scheduler runs is passed in (`make_scheduler`, owned by each server package), so `serving` never
 imports a server: imports run server → serving, never back.
