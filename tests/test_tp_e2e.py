@@ -158,5 +158,9 @@ def test_rank_killed_mid_transfer(side):
         assert time.monotonic() - t0 < 60
         survivor = "decode" if side == "prefill" else "prefill"
         wait_pages_free(stack, (survivor,), timeout=60)
+        # the router no longer sends work there: a new request is refused at once, naming the server
+        body = {"text": "after", "sampling_params": {"max_new_tokens": 2}}
+        r = httpx.post(f"{stack.router_url}/generate", json=body, timeout=30)
+        assert r.status_code in (502, 503), r.text
     finally:
         stack.stop()
