@@ -31,6 +31,18 @@ class HeadRange:
         return self.start + self.count
 
 
+def kv_split_problem(num_kv_heads: int, tp_size: int) -> str:
+    """Why `tp_size` ranks cannot hold `num_kv_heads` KV heads evenly, completing "TP<n> ..." ("" when they can):
+    the one rule behind `check_tp`, `kv_head_range` and the transfer layer's check of a prefill/decode pair."""
+    if tp_size < 1:
+        return f"must be >= 1, got {tp_size}"
+    if tp_size <= num_kv_heads and num_kv_heads % tp_size:
+        return f"does not divide the {num_kv_heads} KV heads"
+    if tp_size > num_kv_heads and tp_size % num_kv_heads:
+        return f"is more than the {num_kv_heads} KV heads but not a multiple of them"
+    return ""
+
+
 def check_tp(num_heads: int, num_kv_heads: int, tp_size: int, what: str = "the model") -> None:
     """Raise TPLayoutError unless `tp_size` ranks can split attention heads of `what` evenly."""
     if tp_size < 1:
@@ -40,31 +52,24 @@ def check_tp(num_heads: int, num_kv_heads: int, tp_size: int, what: str = "the m
             f"--tp-size {tp_size} does not divide the {num_heads} attention heads of {what}; "
             f"use a TP size that divides {num_heads}"
         )
-    if tp_size <= num_kv_heads:
-        if num_kv_heads % tp_size:
-            raise TPLayoutError(
-                f"--tp-size {tp_size} does not divide the {num_kv_heads} KV heads of {what}; "
-                f"use a divisor of {num_kv_heads} (or a multiple of it, which replicates KV heads)"
-            )
-    elif tp_size % num_kv_heads:
+    problem = kv_split_problem(num_kv_heads, tp_size)
+    if problem:
         raise TPLayoutError(
-            f"--tp-size {tp_size} is more than the {num_kv_heads} KV heads of {what} but not a multiple of it, "
-            "so the KV heads cannot be replicated evenly; use a divisor or a multiple of "
-            f"{num_kv_heads}"
+            f"--tp-size {tp_size} {problem} of {what}; use a divisor of {num_kv_heads} "
+            "(or a multiple of it, which replicates KV heads)"
         )
 
 
 def kv_head_range(num_kv_heads: int, tp_size: int, tp_rank: int) -> HeadRange:
     """The KV heads rank `tp_rank` of `tp_size` holds (see the module docstring)."""
+    problem = kv_split_problem(num_kv_heads, tp_size)
+    if problem:
+        raise TPLayoutError(f"TP{tp_size} {problem}")
     if not 0 <= tp_rank < tp_size:
         raise TPLayoutError(f"tp_rank {tp_rank} outside [0, {tp_size})")
     if tp_size <= num_kv_heads:
-        if num_kv_heads % tp_size:
-            raise TPLayoutError(f"{tp_size} ranks cannot split {num_kv_heads} KV heads")
         per = num_kv_heads // tp_size
         return HeadRange(tp_rank * per, per, num_kv_heads)
-    if tp_size % num_kv_heads:
-        raise TPLayoutError(f"{tp_size} ranks cannot replicate {num_kv_heads} KV heads evenly")
     return HeadRange(tp_rank // (tp_size // num_kv_heads), 1, num_kv_heads)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from engine.parallel import TPLayoutError, kv_head_range
+from engine.parallel import TPLayoutError, kv_head_range, kv_split_problem
 
 
 class HeadSlice(NamedTuple):
@@ -34,12 +34,9 @@ def tp_pair_problem(num_kv_heads: int, prefill_tp: int, decode_tp: int) -> str:
     if num_kv_heads < 1:
         return f"a model needs at least one KV head, got {num_kv_heads}"
     for side, tp in (("prefill", prefill_tp), ("decode", decode_tp)):
-        if tp < 1:
-            return f"{side} TP size must be >= 1, got {tp}"
-        if tp <= num_kv_heads and num_kv_heads % tp:
-            return f"{side} TP{tp} does not divide the {num_kv_heads} KV heads"
-        if tp > num_kv_heads and tp % num_kv_heads:
-            return f"{side} TP{tp} is more than the {num_kv_heads} KV heads but not a multiple of them"
+        problem = kv_split_problem(num_kv_heads, tp)
+        if problem:
+            return f"{side} TP{tp} {problem}"
     return ""
 
 
