@@ -225,14 +225,6 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    @property
-    def tp_size(self) -> int:
-        return self.tp.size
-
-    @property
-    def tp_rank(self) -> int:
-        return self.tp.rank
-
     # -- the loop -----------------------------------------------------------------------------------
 
     def step(self) -> list[Request]:

@@ -107,7 +107,7 @@ class RankSync:
 
     @property
     def leader(self) -> bool:
-        return self.rank == 0
+        return self.tp is None or self.tp.is_leader
 
     def exchange_inbox(self, messages: list[bytes]) -> list[bytes]:
         """Rank 0's messages from the front, on every rank (the others pass [])."""

@@ -58,7 +58,7 @@ class SchedulerLoop:
 
     def __init__(self, engine: Engine, ipc_to_scheduler: str, ipc_from_scheduler: str) -> None:
         self.engine = engine
-        self.sync = RankSync(getattr(engine, "tp", None))
+        self.sync = RankSync(engine.tp)
         self.metrics = get_metrics() if self.sync.leader else _NullMetrics()
         self.reaper = PageReaper(engine.pool.allocator, self.metrics, self.role)  # type: ignore[arg-type]
         self._ctx = zmq.Context()

@@ -105,7 +105,7 @@ class _RecordingLoop(SchedulerLoop):
     role = Role.DECODE
 
     def __init__(self, ipc_in: str, ipc_out: str) -> None:
-        engine = SimpleNamespace(pool=SimpleNamespace(allocator=PageAllocator(4)))  # all the base loop reads
+        engine = SimpleNamespace(pool=SimpleNamespace(allocator=PageAllocator(4)), tp=None)  # all the base loop reads
         super().__init__(engine, ipc_in, ipc_out)  # type: ignore[arg-type]
         self.handled: list[IpcMessage] = []
 

@@ -20,6 +20,10 @@ class PeerGroup:
         self.broadcasted: Any = broadcast
         self.calls: list[str] = []
 
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
     def agree_min(self, values: list[int]) -> list[int]:
         self.calls.append("agree_min")
         assert len(values) == len(self.peer_values)
