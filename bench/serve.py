@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from contracts.pd import ROOM_MAX
 from engine.builtin import resolve_model
-from engine.tokenizer import Tokenizer
 from harness.stack import MODEL, Stack
+from tokenization.tokenizer import Tokenizer
 
 DOORS = ("pdserve", "sglang", "direct")
 DOOR_LABEL = {"pdserve": "pdserve router", "sglang": "sglang-router", "direct": "direct"}

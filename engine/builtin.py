@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 
-from engine.tokenizer import EOS_TOKEN, IM_END_TOKEN, TOKENIZER_FINGERPRINT, build_byte_level_tokenizer
+from tokenization.tokenizer import EOS_TOKEN, IM_END_TOKEN, TOKENIZER_FINGERPRINT, build_byte_level_tokenizer
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -387,7 +387,7 @@ def generate_model(spec: BuiltinSpec, out_dir: Path) -> None:
     out_dir = Path(out_dir)
     _progress(spec, start, f"generating {spec.dir_name} under {out_dir.parent}")
 
-    # qwen2 directories get the pipeline transformers will load them with anyway (see engine.tokenizer).
+    # qwen2 directories get the pipeline transformers will load them with anyway (see tokenization.tokenizer).
     tokenizer = build_byte_level_tokenizer("qwen2" if spec.model_type == "qwen2" else "gpt2")
     tokenizer.save_pretrained(str(out_dir))
     vocab = tokenizer.get_vocab()

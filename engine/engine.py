@@ -29,8 +29,8 @@ from engine.parallel import kv_head_range
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampling import NON_FINITE_LOGITS, SampleOutput, Sampler, SamplingParams, make_generator
 from engine.scheduler import Scheduler
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.warmup import warm_up
+from tokenization.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 

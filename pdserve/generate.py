@@ -32,7 +32,7 @@ def run_generate(cfg: EngineConfig, texts: list[str], chat: bool, params: Sampli
     from engine.engine import Engine
 
     engine = Engine(cfg, tp)  # type: ignore[arg-type]
-    # The servers' rule (engine.tokenizer): text gets the tokenizer's special tokens, chat its template's.
+    # The servers' rule (tokenization.tokenizer): text gets the tokenizer's special tokens, chat its template's.
     tok, max_tokens = engine.tokenizer, engine.context_length - 1
     if chat:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], max_tokens=max_tokens) for p in texts]

@@ -20,7 +20,7 @@ def write_random_model(out_dir: Path, family: str, seed: int = 0, **overrides: A
     from safetensors.torch import save_file
 
     from engine.builtin import init_tensor, parameter_shapes
-    from engine.tokenizer import build_byte_level_tokenizer
+    from tokenization.tokenizer import build_byte_level_tokenizer
 
     tok = build_byte_level_tokenizer()
     kwargs: dict[str, Any] = dict(

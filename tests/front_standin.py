@@ -124,7 +124,7 @@ class StandInScheduler(threading.Thread):
 class Server:
     def __init__(self, request_timeout_s: float = 2.0, model_dir: str | Path | None = None, **cfg_kw: Any) -> None:
         from engine.builtin import resolve_model
-        from engine.tokenizer import Tokenizer
+        from tokenization.tokenizer import Tokenizer
 
         model_dir = model_dir or resolve_model("builtin:tiny-llama")
         # Short paths: ipc:// names are limited to ~100 bytes.

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from engine import builtin
 from engine.builtin import BuiltinSpec, get_spec, list_builtin, resolve_model
-from engine.tokenizer import Tokenizer, build_byte_level_tokenizer
+from tokenization.tokenizer import Tokenizer, build_byte_level_tokenizer
 
 TINY = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
 

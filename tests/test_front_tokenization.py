@@ -24,9 +24,9 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import processors
 
 from engine.builtin import resolve_model
-from engine.tokenizer import BOS_TOKEN, Tokenizer
 from harness.raw_http import RawConnection
 from tests.front_standin import Server
+from tokenization.tokenizer import BOS_TOKEN, Tokenizer
 
 TEMPLATE = (
     "{{- bos_token }}"

@@ -1,8 +1,8 @@
 """The architecture's rules, checked on the source: imports run one way and files stay readable.
 
-Layers, bottom up: `contracts` (what crosses a process boundary) → `engine` → `transfer` → `serving` →
-the server packages → `pdserve` (CLI). `router` talks HTTP only and sits on `contracts` alone. `harness`
-(processes on loopback) serves `tests` and `bench`; `bench` never imports `tests`.
+Layers, bottom up: `contracts` (what crosses a process boundary) and `tokenization` (text <-> ids) → `engine` →
+`transfer` → `serving` → the server packages → `pdserve` (CLI). `router` talks HTTP only and sits on `contracts` and
+`tokenization` alone. `harness` (processes on loopback) serves `tests` and `bench`; `bench` never imports `tests`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = (
-    "contracts", "engine", "transfer", "serving", "prefill_server", "decode_server", "router", "pdserve",
-    "harness", "bench", "tests",
+    "contracts", "tokenization", "engine", "transfer", "serving", "prefill_server", "decode_server", "router",
+    "pdserve", "harness", "bench", "tests",
 )  # fmt: skip
 # package -> the first-party packages it must never import (directly or lazily inside a function)
 FORBIDDEN = {
     "contracts": set(PACKAGES) - {"contracts"},
+    "tokenization": set(PACKAGES) - {"tokenization"},
     "engine": {"transfer", "serving", "prefill_server", "decode_server", "router", "pdserve", "harness", "tests"},
     "transfer": {"serving", "prefill_server", "decode_server", "router", "pdserve", "harness", "tests"},
     "serving": {"prefill_server", "decode_server", "router", "pdserve", "harness", "tests"},

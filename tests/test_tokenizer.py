@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from engine.tokenizer import (
+from tokenization.tokenizer import (
     BOS_TOKEN,
     EOS_TOKEN,
     IM_END_TOKEN,
@@ -294,7 +294,7 @@ def test_max_token_bytes_is_none_where_no_bound_holds() -> None:
 
 
 def test_encode_prompt_refuses_by_size_and_invalid_unicode(tok: Tokenizer) -> None:
-    from engine.tokenizer import PromptTooLong
+    from tokenization.tokenizer import PromptTooLong
 
     assert tok.max_token_bytes is not None
     limit = 10 * tok.max_token_bytes
@@ -309,7 +309,7 @@ def test_encode_prompt_refuses_by_size_and_invalid_unicode(tok: Tokenizer) -> No
 
 
 def test_a_refusing_template_raises_chat_template_error(tok_dir: Path) -> None:
-    from engine.tokenizer import ChatTemplateError
+    from tokenization.tokenizer import ChatTemplateError
 
     t = Tokenizer.from_pretrained(tok_dir)
     t.hf.chat_template = "{{ raise_exception('roles must alternate') }}"

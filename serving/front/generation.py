@@ -23,13 +23,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from engine.tokenizer import ChatTemplateError, PromptTooLong
 from serving import api
 from serving.front.body import read_body
 from serving.front.inflight import ClientGone, Inflight
 from serving.front.sse import SSEResponse, sse_body
 from serving.front.state import FrontState, error_response
 from serving.ipc import GenerateRequest
+from tokenization.tokenizer import ChatTemplateError, PromptTooLong
 
 __all__ = ["GenerationEndpoints"]
 

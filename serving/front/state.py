@@ -15,11 +15,11 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from contracts.metrics import Role, get_metrics, status_label
-from engine.tokenizer import Tokenizer
 from serving import api
 from serving.front.config import FrontConfig
 from serving.front.inflight import Inflight
 from serving.front.scheduler_client import Route, SchedulerClient
+from tokenization.tokenizer import Tokenizer
 
 __all__ = ["FrontState", "error_response"]
 
