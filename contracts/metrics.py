@@ -29,6 +29,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = [
     "BATCH_MODES",
+    "PREFILL_PATHS",
     "FAILURE_REASONS",
     "FAST_BUCKETS",
     "LATENCY_BUCKETS",
@@ -39,6 +40,7 @@ __all__ = [
     "BatchMode",
     "FailureReason",
     "Metrics",
+    "PrefillPath",
     "RequestStatus",
     "Role",
     "Stage",
@@ -94,11 +96,19 @@ class BatchMode(str, enum.Enum):
     WHOLE = "whole"
 
 
+class PrefillPath(str, enum.Enum):
+    """The `path` label of pdserve_pd_decision_total: where the router had a request's prompt prefilled."""
+
+    REMOTE = "remote"  # on a prefill server, KV sent to the decode server
+    LOCAL = "local"  # on the decode server itself, in its running batch (conditional disaggregation)
+
+
 ROLES = tuple(m.value for m in Role)
 STAGES = tuple(m.value for m in Stage)
 FAILURE_REASONS = tuple(m.value for m in FailureReason)
 REQUEST_STATUSES = tuple(m.value for m in RequestStatus)
 BATCH_MODES = tuple(m.value for m in BatchMode)
+PREFILL_PATHS = tuple(m.value for m in PrefillPath)
 
 # SLO-friendly latency buckets: dense between 0.1 s and 2 s, where TTFT/ITL SLOs usually sit, and
 # reaching 640 s so that long generations still land in a finite bucket.
@@ -155,6 +165,10 @@ class Metrics:
     running_requests: Gauge  # pdserve_running_requests{role}
     queued_requests: Gauge  # pdserve_queued_requests{role}
     kv_pool_usage_ratio: Gauge  # pdserve_kv_pool_usage_ratio{role}
+    retractions: Counter  # pdserve_retractions_total{role}
+    headroom_ratio: Gauge  # pdserve_headroom_ratio{role}
+    headroom_pages: Gauge  # pdserve_headroom_pages{role}
+    pd_decisions: Counter  # pdserve_pd_decision_total{path}
 
 
 _lock = threading.Lock()
@@ -302,6 +316,35 @@ def _build(multiproc: bool) -> Metrics:
             "Fraction of KV cache pages in use.",
             ["role"],
             multiprocess_mode="livemax",
+            registry=reg,
+        ),
+        retractions=Counter(
+            "pdserve_retractions",
+            "Running requests retracted because the KV pool ran out mid-decode: their pages were freed and they "
+            "recompute their prompt and generated tokens when pages come back.",
+            ["role"],
+            registry=reg,
+        ),
+        headroom_ratio=Gauge(
+            "pdserve_headroom_ratio",
+            "The admission estimate: the fraction of a request's remaining token budget it is expected to still "
+            "generate, learned from finished requests and raised after a retraction.",
+            ["role"],
+            multiprocess_mode="livemax",
+            registry=reg,
+        ),
+        headroom_pages=Gauge(
+            "pdserve_headroom_pages",
+            "KV pages the running requests are estimated to still need (kept free when admitting new ones).",
+            ["role"],
+            multiprocess_mode="livemax",
+            registry=reg,
+        ),
+        pd_decisions=Counter(
+            "pdserve_pd_decision",
+            "Requests the router sent by prefill path: remote (prefill server + KV transfer) or local (prefilled "
+            "by the decode server in its running batch).",
+            ["path"],
             registry=reg,
         ),
     )
