@@ -1,9 +1,15 @@
-"""Decode scheduler: admission (reserve every page a request can need, never over-commit), KV receive,
-then continuous-batching decode with the engine's runner, sampler and stop handling.
+"""Decode scheduler: admission by need, KV receive, then continuous-batching decode with the engine's runner,
+sampler and stop handling.
 
-A request moves: `admitting` (waiting for free pages) → `receiving` (transfer in flight) → the engine's
-running batch → done. Pages of a failed transfer go back only when the transfer layer says no write can
-still land in them (`reaper` holds them until then). Every way a request ends (its last output, `fail`)
+A request moves: `admitting` (waiting for pages) → `receiving` (transfer in flight) → the engine's running batch →
+done. Admission is the engine scheduler's rule (engine/scheduler.py `reserve_incoming`): the prompt's pages plus
+the expected further output must fit beside the running requests' expected growth; pages for generated tokens are
+taken as they come, and when the pool runs out the engine retracts the newest running request, which recomputes
+its prompt + generated tokens here, in a MIXED batch, and goes on. A request the router sent without bootstrap
+fields (a short prompt: conditional disaggregation) is prefilled here the same way.
+
+Pages of a failed transfer go back only when the transfer layer says no write can still land in them (`reaper`
+holds them until then). Every way a request ends (its last output, `fail`)
 also drops its per-request bookkeeping (`logprobs`), so aborted requests leave nothing behind. A failure
 belongs to its request only: the engine fails a row with non-finite logits or a forward that keeps raising
 (`Engine.step`), and a room handle that raises fails its own request; the rest of the batch goes on.
@@ -48,6 +54,7 @@ class DecodeScheduler(SchedulerLoop):
         self.admitting: deque[_Pending] = deque()
         self.receiving: dict[str, _Pending] = {}
         self.logprobs: dict[str, bool] = {}  # rid -> return_logprob, for every request not yet ended
+        self._retractions_counted = 0
 
     def on_generate(self, msg: GenerateRequest) -> None:
         if msg.rid in self.logprobs:
@@ -82,6 +89,7 @@ class DecodeScheduler(SchedulerLoop):
         p = self.receiving.pop(rid, None)
         if p is not None:
             assert p.receiver is not None
+            self.engine.scheduler.drop_incoming(p.req)
             p.receiver.abort("aborted by client")
             self.reaper.hold(p.req, p.receiver)
             self.fail(rid, "aborted", 499)
@@ -117,14 +125,11 @@ class DecodeScheduler(SchedulerLoop):
 
     def _admit(self) -> bool:
         worked = False
-        alloc = self.engine.pool.allocator
         while self.admitting:
             p = self.admitting[0]
-            pages = alloc.allocate(self.engine.scheduler.pages_needed(p.req))
-            if pages is None:
-                break  # FIFO: wait for pages to come back
+            if not self.engine.scheduler.reserve_incoming(p.req):
+                break  # FIFO: wait for pages to come back (or for older requests to go first)
             self.admitting.popleft()
-            p.req.pages = pages
             try:
                 p.receiver = self._create_receiver(p)
             except NoAuxRowFree as e:  # try again once a room ended
@@ -160,6 +165,7 @@ class DecodeScheduler(SchedulerLoop):
 
     def _unadmit(self, p: _Pending) -> None:
         """Give back the pages of a request whose room was never created (no write can target them)."""
+        self.engine.scheduler.drop_incoming(p.req)
         self.engine.pool.allocator.free(p.req.pages)
         p.req.pages = []
 
@@ -171,6 +177,7 @@ class DecodeScheduler(SchedulerLoop):
                 state = p.receiver.poll()
             except Exception as e:  # a bug in the transfer layer: this request fails, the others go on
                 del self.receiving[rid]
+                self.engine.scheduler.drop_incoming(p.req)
                 self._internal_error(p, p.receiver, e)
                 worked = True
                 continue
@@ -181,6 +188,7 @@ class DecodeScheduler(SchedulerLoop):
                 worked = True
             elif state == TransferState.FAILED:
                 del self.receiving[rid]
+                self.engine.scheduler.drop_incoming(p.req)
                 self.fail_transfer(p.req, p.receiver, Stage.KV_TRANSFER, "KV transfer failed")
                 worked = True
         return worked
@@ -208,11 +216,21 @@ class DecodeScheduler(SchedulerLoop):
         self.emit_output(p.req)  # a one-token request ends with the prefill's token
 
     def stats(self) -> SchedulerStats:
-        pool = self.engine.pool
+        pool, sched = self.engine.pool, self.engine.scheduler
+        self._publish_admission_metrics()
         return SchedulerStats(
-            running=len(self.engine.scheduler.running) + len(self.receiving),
-            queued=len(self.admitting) + len(self.engine.scheduler.waiting),
+            running=len(sched.running) + len(sched.prefilling) + len(self.receiving),
+            queued=len(self.admitting) + len(sched.waiting),
             kv_pages_used=pool.num_pages - pool.allocator.num_free,
             kv_pages_total=pool.num_pages,
             in_flight_transfers=len(self.receiving),
         )
+
+    def _publish_admission_metrics(self) -> None:
+        """The engine scheduler's admission state as metrics: retractions, the headroom estimate and its pages."""
+        headroom = self.engine.scheduler.headroom
+        role = self.role.value
+        self.metrics.retractions.labels(role).inc(headroom.retractions - self._retractions_counted)
+        self._retractions_counted = headroom.retractions
+        self.metrics.headroom_ratio.labels(role).set(headroom.ratio)
+        self.metrics.headroom_pages.labels(role).set(self.engine.scheduler.headroom_pages())

@@ -25,7 +25,10 @@ from engine.kvcache import pages_for
 class ForwardMode(enum.Enum):
     EXTEND = "extend"  # prefill, optionally on top of cached prefix pages
     DECODE = "decode"  # one new token per request
-    # MIXED (prefill + decode in one batch) and IDLE (an empty rank) are planned; see DESIGN §6.
+    # Prefill chunks together with running decodes, each decode a length-1 extend on its cached prefix: attention
+    # runs it as one ragged extend batch (every backend takes the extend path for anything but DECODE).
+    MIXED = "mixed"
+    # IDLE (an empty rank under DP attention) is planned; see DESIGN §6.
 
 
 @dataclass
@@ -67,11 +70,17 @@ class ForwardBatch:
         page_tables: list[list[int]],
         page_size: int,
         device: torch.device | str = "cpu",
+        mixed: bool = False,
     ) -> ForwardBatch:
+        """`mixed`: the scheduler put prefill chunks and decodes together (a label for metrics and plugins; the
+        shape decides the kernels: all length 1 is a DECODE batch whatever the label)."""
         if not new_tokens or any(len(t) == 0 for t in new_tokens):
             raise ValueError("every request in a batch needs at least one new token")
         extend_lens = [len(t) for t in new_tokens]
-        mode = ForwardMode.DECODE if all(n == 1 for n in extend_lens) else ForwardMode.EXTEND
+        if all(n == 1 for n in extend_lens):
+            mode = ForwardMode.DECODE
+        else:
+            mode = ForwardMode.MIXED if mixed else ForwardMode.EXTEND
         positions: list[int] = []
         slots: list[int] = []
         for tokens, prefix, pages in zip(new_tokens, prefix_lens, page_tables, strict=True):

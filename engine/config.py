@@ -207,6 +207,14 @@ class EngineConfig:
     skip_warmup: bool = False  # skip running each kind of forward once at start-up (tests, quick tools)
     tp_size: int = 1  # tensor-parallel ranks (one process and one device each; engine/distributed.py)
     dist_timeout_s: float = 120.0  # a collective waiting longer for a peer fails (a dead or hung rank)
+    # Admission (engine/headroom.py): "need" admits by current need plus an estimate of further output and retracts
+    # under pressure; "worst_case" reserves prompt + max_new_tokens up front and never retracts.
+    admission_policy: str = "need"
+    init_headroom_ratio: float = 0.7  # the estimate before any request finished (SGLang's init_new_token_ratio)
+    min_headroom_ratio: float = 0.1  # the estimate never goes below this
+    # Prefill tokens carried by one MIXED forward beside the running decodes (bounds the decode step's latency);
+    # 0: no MIXED batches, prefills run alone and pause decoding
+    mixed_chunk_size: int = 512
 
     def validate(self) -> None:
         if self.page_size < 1:
@@ -225,5 +233,15 @@ class EngineConfig:
             raise ValueError(f"tp_size must be an integer >= 1, got {self.tp_size!r}")
         if not self.dist_timeout_s > 0 or self.dist_timeout_s == float("inf"):
             raise ValueError(f"dist_timeout_s must be a finite number of seconds > 0, got {self.dist_timeout_s}")
+        self._validate_scheduling()
         if self.dtype is not None:
             parse_dtype(self.dtype)
+
+    def _validate_scheduling(self) -> None:
+        if self.admission_policy not in ("need", "worst_case"):
+            raise ValueError(f"admission_policy must be 'need' or 'worst_case', got {self.admission_policy!r}")
+        for name in ("init_headroom_ratio", "min_headroom_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mixed_chunk_size < 0:
+            raise ValueError(f"mixed_chunk_size must be >= 0 (0 turns MIXED batches off), got {self.mixed_chunk_size}")

@@ -18,17 +18,19 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.batch import ForwardMode
 from engine.builtin import resolve_model
 from engine.config import EngineConfig, parse_dtype
 from engine.device import resolve_device
 from engine.distributed import TPGroup
+from engine.headroom import HeadroomEstimator
 from engine.kvcache import KVLayout, KVPool
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
 from engine.parallel import kv_head_range
-from engine.request import FinishReason, Request, RequestStatus
+from engine.request import FinishReason, Request
 from engine.sampling import NON_FINITE_LOGITS, SampleOutput, Sampler, SamplingParams, make_generator
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.warmup import warm_up
 from tokenization.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -119,7 +121,15 @@ class Engine:
             (budget,) = tp.agree_min([kv_budget_bytes(cfg, self.device)])
             self.pool = KVPool.for_budget(layout, budget, self.device)
         self.runner = ModelRunner(self.model, self.pool, cfg.attention_backend)
-        self.scheduler = Scheduler(self.pool.allocator, cfg.page_size, cfg.max_batch_size, cfg.max_prefill_tokens)
+        headroom = HeadroomEstimator(cfg.admission_policy, cfg.init_headroom_ratio, cfg.min_headroom_ratio)  # type: ignore[arg-type]
+        self.scheduler = Scheduler(
+            self.pool.allocator,
+            cfg.page_size,
+            cfg.max_batch_size,
+            cfg.max_prefill_tokens,
+            mixed_chunk_size=cfg.mixed_chunk_size,
+            headroom=headroom,
+        )
         self.sampler = Sampler()
         self.context_length = min(
             cfg.context_length or self.model_config.max_position_embeddings,
@@ -201,9 +211,7 @@ class Engine:
         """Join a request whose prompt KV is already in `req.pages` (sent by a prefill server) to the running
         batch, starting from the first token the prefill sampled."""
         self.track(req)
-        req.num_cached = len(req.prompt_ids)
-        req.status = RequestStatus.RUNNING
-        self.scheduler.running.append(req)
+        self.scheduler.admit_incoming(req)
         self.append_token(req, first_token, logprob)
 
     def abort(self, rid: str) -> bool:
@@ -241,7 +249,7 @@ class Engine:
             return []
         reqs = scheduled.requests
         try:
-            results = [(reqs, self._run(reqs))]
+            results = [(scheduled, self._run(scheduled))]
         except Exception as e:
             if self.tp.size > 1:
                 raise TPStepError(f"tensor-parallel rank {self.tp.rank}: {_forward_error(e)}") from e
@@ -250,17 +258,29 @@ class Engine:
                 self.fail(reqs[0], _forward_error(e))
                 return reqs
             log.exception("a batch of %d requests failed; running them one by one", len(reqs))
-            results = self._run_one_by_one(reqs)
-        for group, sample in results:
-            self._apply(group, sample)
+            results = self._run_one_by_one(scheduled)
+        for part, sample in results:
+            self._apply(part, sample)
         return reqs
 
-    def _run(self, reqs: list[Request]) -> SampleOutput:
+    def _run(self, scheduled: ScheduledBatch) -> SampleOutput | None:
+        """The forward of `scheduled`, and a token for each row that samples (None when no row does: every row
+        is a prefill chunk short of its request's end)."""
+        reqs = scheduled.requests
         batch = self.runner.build_batch(
-            [r.uncached_ids() for r in reqs], [r.num_cached for r in reqs], [r.pages for r in reqs]
+            scheduled.new_tokens(),
+            [r.num_cached for r in reqs],
+            [r.pages for r in reqs],
+            mixed=scheduled.mode == ForwardMode.MIXED,
         )
         logits = self.runner.forward(batch)
-        return self.sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        rows = [i for i, s in enumerate(scheduled.samples) if s]
+        if not rows:
+            return None
+        if len(rows) < len(reqs):
+            logits = logits[rows]
+        sampled = [reqs[i] for i in rows]
+        return self.sample(logits, [r.params for r in sampled], [r.generator for r in sampled])
 
     def sample(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
@@ -280,23 +300,27 @@ class Engine:
             raise RuntimeError(f"sampling failed on rank 0: {out.error}")
         return out
 
-    def _run_one_by_one(self, reqs: list[Request]) -> list[tuple[list[Request], SampleOutput]]:
+    def _run_one_by_one(self, scheduled: ScheduledBatch) -> list[tuple[ScheduledBatch, SampleOutput | None]]:
         results = []
-        for req in reqs:
+        for i, req in enumerate(scheduled.requests):
+            part = scheduled.row(i)
             try:
-                results.append(([req], self._run([req])))
+                results.append((part, self._run(part)))
             except Exception as e:
                 log.exception("request %s failed in the forward", req.rid)
                 self.fail(req, _forward_error(e))
         return results
 
-    def _apply(self, reqs: list[Request], sample: SampleOutput) -> None:
-        rows = zip(reqs, sample.tokens, sample.token_logprobs, sample.ok(), strict=True)
+    def _apply(self, part: ScheduledBatch, sample: SampleOutput | None) -> None:
+        self.scheduler.complete(part)  # the KV of every row's tokens is in its pages now
+        if sample is None:
+            return
+        sampled = [r for r, s in zip(part.requests, part.samples, strict=True) if s]
+        rows = zip(sampled, sample.tokens, sample.token_logprobs, sample.ok(), strict=True)
         for req, token, logprob, ok in rows:
             if not ok:
                 self.fail(req, NON_FINITE_LOGITS)
                 continue
-            req.num_cached = req.seq_len
             try:
                 self.append_token(req, token, logprob)
             except Exception as e:  # e.g. the detokenizer: this request's, not the batch's

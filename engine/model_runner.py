@@ -78,9 +78,9 @@ class ModelRunner:
         return self.attn.name
 
     def build_batch(
-        self, new_tokens: list[list[int]], prefix_lens: list[int], page_tables: list[list[int]]
+        self, new_tokens: list[list[int]], prefix_lens: list[int], page_tables: list[list[int]], mixed: bool = False
     ) -> ForwardBatch:
-        return ForwardBatch.build(new_tokens, prefix_lens, page_tables, self.pool.page_size, self.device)
+        return ForwardBatch.build(new_tokens, prefix_lens, page_tables, self.pool.page_size, self.device, mixed)
 
     def start_forward(self, batch: ForwardBatch) -> LayerwiseForward:
         return LayerwiseForward(self, batch)

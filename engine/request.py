@@ -11,6 +11,9 @@ import torch
 from engine.sampling import SamplingParams
 
 _ids = itertools.count()
+# Creation order: the scheduler serves older requests first and retracts the newest. A counter, not a clock, so that
+# every tensor-parallel rank (which creates the same requests in the same order) orders them identically.
+_arrivals = itertools.count()
 
 
 class RequestStatus(enum.Enum):
@@ -40,6 +43,8 @@ class Request:
     error: str | None = None
     output_text: str = ""
     generator: torch.Generator | None = field(default=None, repr=False)
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    retractions: int = 0  # times the pool ran out and this request gave its pages back to recompute later
 
     @property
     def all_ids(self) -> list[int]:
@@ -60,3 +65,7 @@ class Request:
     def uncached_ids(self) -> list[int]:
         """Tokens to feed the next forward: the whole uncached tail for prefill, the last token for decode."""
         return self.all_ids[self.num_cached :]
+
+    def next_chunk(self, n: int) -> list[int]:
+        """The next `n` uncached tokens (a chunk of a prefill or of a retracted request's recomputation)."""
+        return self.all_ids[self.num_cached : self.num_cached + n]

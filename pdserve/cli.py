@@ -32,6 +32,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="KV pool size (default: 0.5 on CPU, 85%% of free memory on CUDA)",
     )
+    p.add_argument(
+        "--kv-pages", type=int, default=None, help="KV pool size in pages (overrides --kv-cache-gb; small pools)"
+    )
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     p.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens)
     p.add_argument("--context-length", type=int, default=None)
@@ -42,6 +45,34 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs, help="largest decode batch run from a graph"
     )
     p.add_argument("--skip-warmup", action="store_true", help="start without running each kind of forward once")
+    g = p.add_argument_group("admission and batching (engine/scheduler.py)")
+    g.add_argument(
+        "--admission-policy",
+        default=env("ADMISSION_POLICY", d.admission_policy),
+        choices=["need", "worst_case"],
+        help="need: admit by current need plus an estimate of further output, retract under pressure; "
+        "worst_case: reserve prompt + max_new_tokens up front, never retract (PDSERVE_ADMISSION_POLICY)",
+    )
+    g.add_argument(
+        "--init-headroom-ratio",
+        type=float,
+        default=float(env("INIT_HEADROOM_RATIO", str(d.init_headroom_ratio))),
+        help="share of a request's remaining token budget it is expected to still take, until requests finished "
+        "and taught the server better (PDSERVE_INIT_HEADROOM_RATIO)",
+    )
+    g.add_argument(
+        "--min-headroom-ratio",
+        type=float,
+        default=float(env("MIN_HEADROOM_RATIO", str(d.min_headroom_ratio))),
+        help="the learned estimate never goes below this; 0 admits on current need alone (PDSERVE_MIN_HEADROOM_RATIO)",
+    )
+    g.add_argument(
+        "--mixed-chunk-size",
+        type=int,
+        default=int(env("MIXED_CHUNK_SIZE", str(d.mixed_chunk_size))),
+        help="prefill tokens one MIXED batch carries beside the running decodes; 0: prefills pause decoding "
+        "(PDSERVE_MIXED_CHUNK_SIZE)",
+    )
     p.add_argument(
         "--tp-size",
         type=int,
@@ -64,6 +95,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         page_size=args.page_size,
         kv_cache_gb=args.kv_cache_gb,
+        num_pages=args.kv_pages,
         max_batch_size=args.max_batch_size,
         max_prefill_tokens=args.max_prefill_tokens,
         context_length=args.context_length,
@@ -72,6 +104,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         skip_warmup=args.skip_warmup,
         tp_size=args.tp_size,
         dist_timeout_s=args.dist_timeout,
+        admission_policy=args.admission_policy,
+        init_headroom_ratio=args.init_headroom_ratio,
+        min_headroom_ratio=args.min_headroom_ratio,
+        mixed_chunk_size=args.mixed_chunk_size,
     )
 
 
@@ -324,14 +360,18 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_router(args: argparse.Namespace) -> int:
     from router.app import run_router
-    from router.config import router_config
+    from router.config import RouterConfigError, router_config
 
     try:
         cfg = router_config(args)
     except ValueError as e:
         print(f"pdserve router: error: {e}", file=sys.stderr)
         return 2
-    run_router(cfg)
+    try:
+        run_router(cfg)
+    except RouterConfigError as e:  # raised before serving (a --tokenizer that cannot be loaded)
+        print(f"pdserve router: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -367,11 +407,14 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
            "--page-size", str(args.page_size), "--max-batch-size", str(args.max_batch_size),
            "--max-prefill-tokens", str(args.max_prefill_tokens),
            "--cuda-graph-max-bs", str(args.cuda_graph_max_bs), "--tp-size", str(args.tp_size),
-           "--dist-timeout", str(args.dist_timeout)]  # fmt: skip
+           "--dist-timeout", str(args.dist_timeout), "--admission-policy", args.admission_policy,
+           "--init-headroom-ratio", str(args.init_headroom_ratio),
+           "--min-headroom-ratio", str(args.min_headroom_ratio),
+           "--mixed-chunk-size", str(args.mixed_chunk_size)]  # fmt: skip
     out += [flag for flag, on in (("--disable-cuda-graph", args.disable_cuda_graph),
                                   ("--skip-warmup", args.skip_warmup)) if on]  # fmt: skip
     for flag, value in (("--dtype", args.dtype), ("--kv-cache-gb", args.kv_cache_gb),
-                        ("--context-length", args.context_length)):  # fmt: skip
+                        ("--kv-pages", args.kv_pages), ("--context-length", args.context_length)):  # fmt: skip
         if value is not None:
             out += [flag, str(value)]
     return out
