@@ -29,11 +29,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = [
     "BATCH_MODES",
-    "PREFILL_PATHS",
     "FAILURE_REASONS",
     "FAST_BUCKETS",
     "LATENCY_BUCKETS",
     "MULTIPROC_ENV",
+    "PREFILL_PATHS",
     "REQUEST_STATUSES",
     "ROLES",
     "STAGES",
