@@ -14,6 +14,7 @@ import time
 
 import httpx
 
+from engine.builtin import resolve_model
 from engine.ports import free_port
 
 
@@ -24,10 +25,13 @@ def child_commands(
     decode_port: int,
     bootstrap_port: int,
     forwarded: dict[str, list[str]] | None = None,
+    tokenizer: str | None = None,
 ) -> dict[str, list[str]]:
-    """The command line of each child: the engine flags to both servers, the body limit to all three, and each
-    daemon's pass-through flags (pdserve/forwarded.py) last."""
+    """The command line of each child: the engine flags to both servers, the body limit to all three, the model's
+    directory to the router as --tokenizer (it counts prompt tokens for conditional disaggregation), and each
+    daemon's pass-through flags (pdserve/forwarded.py) last, so a --tokenizer given to launch wins."""
     fwd = forwarded or {}
+    tok = ["--tokenizer", tokenizer] if tokenizer is not None else []
     base = [sys.executable, "-m", "pdserve", "--log-level", args.log_level]
     limit = ["--max-body-bytes", str(args.max_body_bytes)]
     common = [*engine_argv, "--transfer-backend", args.transfer_backend, *limit]
@@ -38,7 +42,7 @@ def child_commands(
         "router": [
             *base, "router", "--host", args.host, "--port", str(args.port),
             "--prefill", f"http://127.0.0.1:{prefill_port}", str(bootstrap_port),
-            "--decode", f"http://127.0.0.1:{decode_port}", *limit, *fwd.get("router", []),
+            "--decode", f"http://127.0.0.1:{decode_port}", *limit, *tok, *fwd.get("router", []),
         ],
     }  # fmt: skip
 
@@ -46,8 +50,14 @@ def child_commands(
 def launch_local(
     args: argparse.Namespace, engine_argv: list[str], forwarded: dict[str, list[str]] | None = None
 ) -> int:
+    try:
+        # a builtin model is generated here once, before the servers start (they then find it complete)
+        model_dir = str(resolve_model(args.model))
+    except ValueError as e:
+        print(f"pdserve launch: error: --model: {e}", file=sys.stderr)
+        return 2
     prefill_port, decode_port, bootstrap_port = free_port(), free_port(), free_port()
-    commands = child_commands(args, engine_argv, prefill_port, decode_port, bootstrap_port, forwarded)
+    commands = child_commands(args, engine_argv, prefill_port, decode_port, bootstrap_port, forwarded, model_dir)
     children: dict[str, subprocess.Popen] = {}
     stop = {"signal": None}
 

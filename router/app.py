@@ -5,6 +5,9 @@ Per request (DESIGN.md §2 step 1): check the key and the body (size, JSON, nest
 pick P and D, draw rooms, POST to both, retry a refused connection) and answer with D's result, relaying a stream
 through `router.sse`. It talks HTTP only: no `engine`, no `transfer`, no `serving`.
 
+Before dispatch it decides where the prompts are prefilled (`router.local_prefill`: short ones on the decode server
+itself), counts that in pdserve_pd_decision_total{path} and says it in every answer's `X-PD-Prefill` header.
+
 Client disconnects are noticed by a task that waits on the ASGI `receive` channel (`sse.client_gone`). That task
 races the upstream work both while waiting for D and while relaying D's stream, so a client that goes away at any
 point gets its rids aborted on both servers.
@@ -33,13 +36,14 @@ from router.config import RouterConfig
 from router.dispatch import Dispatcher, Exchange, Outcome
 from router.errors import CLIENT_CLOSED, UpstreamFailure, openai_error
 from router.intake import RequestBody
+from router.local_prefill import PD_HEADER, PrefillDecider
 from router.pd_body import assign_rids
 from router.sse import RelayResponse, client_gone
 from router.upstream import MODELS_TIMEOUT_S, Upstreams
 
 log = logging.getLogger("pdserve.router")
 
-__all__ = ["GENERATE_PATHS", "Router", "RouterApp", "create_app", "run_router"]
+__all__ = ["GENERATE_PATHS", "PD_HEADER", "Router", "RouterApp", "create_app", "run_router"]
 
 GENERATE_PATHS = tuple(DIALECT_OF_PATH)
 FORWARDED_HEADERS = ("authorization", "x-request-id", "x-correlation-id")
@@ -48,10 +52,11 @@ FORWARDED_HEADERS = ("authorization", "x-request-id", "x-correlation-id")
 class Router:
     """The request-facing side: auth, body checks, the race of the upstream work against client and deadline."""
 
-    def __init__(self, cfg: RouterConfig) -> None:
+    def __init__(self, cfg: RouterConfig, decider: PrefillDecider | None = None) -> None:
         self.cfg = cfg
         self.up = Upstreams(cfg)
         self.dispatcher = Dispatcher(cfg, self.up)
+        self.decider = decider if decider is not None else PrefillDecider.from_config(cfg)
 
     async def start(self) -> None:
         await self.up.start()
@@ -117,7 +122,9 @@ class Router:
             headers=[(k, v) for k in FORWARDED_HEADERS if (v := request.headers.get(k)) is not None],
             t0=t0,
             deadline=t0 + self.cfg.request_timeout_s,
+            pd_path=self.decider.decide(body, DIALECT_OF_PATH[path]),
         )
+        telemetry.count_decision(ex.pd_path)
         telemetry.request_started()
         watcher = asyncio.create_task(client_gone(request.receive))
         work = asyncio.create_task(self.dispatcher.dispatch(ex))
@@ -147,23 +154,25 @@ class Router:
             return Response(status_code=CLIENT_CLOSED)
         watcher.cancel()
         ex.finish(504)
-        return openai_error(504, self._timeout_message())
+        return openai_error(504, self._timeout_message(), headers={PD_HEADER: ex.pd_path.value})
 
     def _answer(self, ex: Exchange, work: asyncio.Task[Outcome], watcher: asyncio.Task[None]) -> Response:
         """The client's response from the finished dispatch: D's body, D's relayed stream, or an error."""
         abort = self.dispatcher.abort_legs
+        decided = {PD_HEADER: ex.pd_path.value}
         try:
             out = work.result()
         except UpstreamFailure as e:  # every attempt already cleaned up after itself (legs closed and aborted)
             watcher.cancel()
             ex.finish(e.status)
-            return openai_error(e.status, e.message)
+            return openai_error(e.status, e.message, headers=decided)
         except Exception as e:  # a router bug: still stop the upstream work and answer in the API's format
             log.exception("request failed")
             watcher.cancel()
             abort(ex.attempt)
             ex.finish(500)
-            return openai_error(500, f"router error: {type(e).__name__}: {e}")
+            return openai_error(500, f"router error: {type(e).__name__}: {e}", headers=decided)
+        out.headers.update(decided)
         if out.stream is not None:
             return RelayResponse(ex, out, watcher, lambda: abort(ex.attempt), self.cfg.request_timeout_s)
         watcher.cancel()
@@ -193,7 +202,8 @@ class Router:
                 "down": [u for u, ok in zip(urls, part, strict=True) if not ok],
             }
         ready = bool(state["prefill"]["healthy"]) and bool(state["decode"]["healthy"])
-        return JSONResponse({"ready": ready, **state}, status_code=200 if ready else 503)
+        body = {"ready": ready, **state, "local_prefill": self.decider.info()}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     async def get_load(self) -> Response:
         urls = self.up.all_urls
@@ -225,7 +235,8 @@ class RouterApp:
 
 
 def create_app(cfg: RouterConfig) -> RouterApp:
-    """The router as an ASGI app; its lifespan opens the upstream clients and starts health checks."""
+    """The router as an ASGI app; its lifespan opens the upstream clients and starts health checks. Raises
+    RouterConfigError when --tokenizer names a directory without a loadable tokenizer."""
     router = Router(cfg)
 
     @contextlib.asynccontextmanager
@@ -276,8 +287,9 @@ def run_router(cfg: RouterConfig, log_level: str = "warning") -> None:
     """Serves the router on cfg.host:cfg.port until interrupted."""
     import uvicorn
 
+    app = create_app(cfg)  # before serving: a bad --tokenizer fails the start, not the first request
     # long keep-alive, as the servers use: benchmark clients hold connections across bursts
     uvicorn.run(
-        create_app(cfg), host=cfg.host, port=cfg.port, log_level=log_level, timeout_keep_alive=60,
+        app, host=cfg.host, port=cfg.port, log_level=log_level, timeout_keep_alive=60,
         timeout_graceful_shutdown=5,
     )  # fmt: skip

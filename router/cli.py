@@ -27,7 +27,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from router.app import run_router
 
-    run_router(cfg, log_level=args.log_level)
+    try:
+        run_router(cfg, log_level=args.log_level)
+    except RouterConfigError as e:  # raised before serving (a --tokenizer that cannot be loaded)
+        parser.error(str(e))
     return 0
 
 

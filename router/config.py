@@ -16,6 +16,13 @@ from contracts.http import DEFAULT_MAX_BODY_BYTES
 
 POLICIES = ("round_robin", "random", "least_load")
 
+# Conditional disaggregation (issue 13 item 4): a request whose every prompt has at most this many tokens is prefilled
+# by the decode server itself, skipping the prefill hop and the KV transfer. Chosen by `bench/serve.py --local-sweep`
+# (TTFT local vs remote at concurrency 1, builtin:tiny-llama on CPU): see the README's router section.
+DEFAULT_LOCAL_PREFILL_MAX_TOKENS = 64
+LOCAL_PREFILL_ENV = "PDSERVE_LOCAL_PREFILL_MAX_TOKENS"
+TOKENIZER_ENV = "PDSERVE_TOKENIZER"
+
 
 class RouterConfigError(ValueError):
     """A router setting is invalid; the message says which one and why."""
@@ -99,6 +106,10 @@ class RouterConfig:
     connect_timeout_s: float = 5.0
     # A larger request body gets 413 (checked on Content-Length, then as it arrives); the servers share the default.
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Prompts of at most this many tokens are prefilled on the decode server (0: always on a prefill server). Takes
+    # effect only with `tokenizer`: the router counts tokens exactly as the servers do, or not at all.
+    local_prefill_max_tokens: int = DEFAULT_LOCAL_PREFILL_MAX_TOKENS
+    tokenizer: str | None = None  # a Hugging Face model/tokenizer directory (the servers' --model)
 
     def __post_init__(self) -> None:
         if isinstance(self.prefill, (str, PrefillServer)) or not isinstance(self.prefill, Sequence):
@@ -138,10 +149,36 @@ class RouterConfig:
             raise RouterConfigError(
                 f"health_check_interval_s must be >= 0 (0 disables health checks), got {self.health_check_interval_s!r}"
             )
+        self._check_local_prefill()
         if not isinstance(self.host, str) or not self.host:
             raise RouterConfigError(f"host must be a non-empty string, got {self.host!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise RouterConfigError(f"port must be an integer in 0..65535, got {self.port!r}")
+
+    def _check_local_prefill(self) -> None:
+        n = self.local_prefill_max_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise RouterConfigError(
+                f"local_prefill_max_tokens (--local-prefill-max-tokens, ${LOCAL_PREFILL_ENV}) must be an integer >= 0 "
+                f"(0 sends every request to a prefill server), got {n!r}"
+            )
+        if self.tokenizer is None:
+            return
+        if not isinstance(self.tokenizer, str) or not self.tokenizer.strip():
+            raise RouterConfigError(
+                f"tokenizer (--tokenizer, ${TOKENIZER_ENV}) must be a directory path or unset, got {self.tokenizer!r}"
+            )
+        if not os.path.isdir(self.tokenizer):
+            raise RouterConfigError(
+                f"tokenizer (--tokenizer, ${TOKENIZER_ENV}): {self.tokenizer!r} is not a directory; pass the Hugging "
+                "Face model directory the servers load (their --model), or leave it unset to send every request to a "
+                "prefill server"
+            )
+
+    @property
+    def local_prefill(self) -> bool:
+        """Whether short requests may be prefilled on the decode server (a threshold and a tokenizer to count with)."""
+        return self.local_prefill_max_tokens > 0 and self.tokenizer is not None
 
 
 def _is_number(v: object) -> bool:
@@ -210,6 +247,24 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         help="largest request body accepted, in bytes; larger ones get 413",
     )
     parser.add_argument(
+        "--local-prefill-max-tokens",
+        type=int,
+        # a string default goes through `type` too, so a bad environment value is an argparse error naming the flag
+        default=os.environ.get(LOCAL_PREFILL_ENV) or str(d["local_prefill_max_tokens"].default),
+        metavar="N",
+        help="conditional disaggregation: a request whose every prompt has at most N tokens is prefilled on the "
+        "decode server itself (no prefill hop, no KV transfer); 0: always on a prefill server; needs --tokenizer "
+        f"(default: ${LOCAL_PREFILL_ENV}, else %(default)s)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=os.environ.get(TOKENIZER_ENV) or None,
+        metavar="DIR",
+        help="Hugging Face model/tokenizer directory the router counts prompt tokens with, by the servers' rules "
+        f"(pdserve launch passes the model's); without it every request goes to a prefill server "
+        f"(default: ${TOKENIZER_ENV})",
+    )
+    parser.add_argument(
         "--pd-disaggregation", action="store_true", help="accepted for sglang-router compatibility (always on)"
     )
 
@@ -230,6 +285,8 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
         max_retries=args.max_retries,
         health_check_interval_s=args.health_check_interval,
         max_body_bytes=args.max_body_bytes,
+        local_prefill_max_tokens=args.local_prefill_max_tokens,
+        tokenizer=args.tokenizer,
         host=args.host,
         port=args.port,
     )

@@ -11,6 +11,10 @@ each server and what it said. D's answer is the client's: a body, or an SSE stre
 (until then a failure of P can still be answered with a clean status; after that P's answer is only drained).
 
 A server whose connection was refused or broke is also marked down for every request (`Upstreams.mark_down`).
+
+A request the router decided to prefill locally (`Exchange.pd_path`, `router.local_prefill`) has attempts with a
+decode leg only: its body carries rids and no bootstrap fields, its retries pick another decode server, its aborts name
+the rid alone (there is no room) and go to that decode server only.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from contracts.metrics import PrefillPath
 from router import telemetry
 from router.config import PrefillServer, RouterConfig
 from router.errors import UpstreamFailure
-from router.pd_body import assign_rids, draw_rooms, pd_body
+from router.pd_body import assign_rids, draw_rooms, local_body, pd_body
 from router.upstream import Upstreams
 from router.wire import ConnectFailed, ReadTimeout, UpstreamError, WireResponse
 
@@ -80,13 +85,17 @@ class _Leg:
 
 @dataclass
 class Attempt:
-    prefill: PrefillServer
+    prefill: PrefillServer | None  # None: prefilled on the decode server
     decode: str
     rids: list[str]
-    rooms: list[int]
+    rooms: list[int | None]  # None per prompt when prefilled on the decode server (no transfer, no room)
     body: bytes
-    p: _Leg
+    p: _Leg | None
     d: _Leg
+
+    @property
+    def legs(self) -> list[_Leg]:
+        return [self.d] if self.p is None else [self.p, self.d]
 
 
 @dataclass
@@ -112,6 +121,7 @@ class Exchange:
     headers: list[tuple[str, str]]  # forwarded to both servers
     t0: float
     deadline: float
+    pd_path: PrefillPath = PrefillPath.REMOTE  # where the prompts are prefilled, decided once before dispatch
     attempt: Attempt | None = None
     failures: list[str] = field(default_factory=list)
     started: bool = False  # response headers went to the client
@@ -154,7 +164,7 @@ class Dispatcher:
         Each abort names the rid and the room: the rid alone may be another client's request."""
         if att is None:
             return
-        for leg in (att.p, att.d):
+        for leg in att.legs:
             if leg.role in legs:
                 self.up.spawn(self._close_leg(leg))
                 for rid, room in zip(att.rids, att.rooms, strict=True):
@@ -162,12 +172,16 @@ class Dispatcher:
 
     # ---- one attempt -----------------------------------------------------------------------------------
 
-    def _attempt(self, ex: Exchange, prefill: PrefillServer, decode: str) -> Attempt:
-        rooms = draw_rooms(ex.n or 1)
+    def _attempt(self, ex: Exchange, prefill: PrefillServer | None, decode: str) -> Attempt:
         # a fresh rid per attempt unless the client chose them: the aborted attempt's rid may still be live
         rids = assign_rids(ex.client_rid, ex.n)
+        if prefill is None:
+            no_rooms: list[int | None] = [None] * len(rids)
+            return Attempt(None, decode, rids, no_rooms, local_body(ex.body, ex.n, rids), None, _Leg("decode", decode))
+        rooms = draw_rooms(ex.n or 1)
         body = pd_body(ex.body, ex.n, prefill, rids, rooms)
-        return Attempt(prefill, decode, rids, rooms, body, _Leg("prefill", prefill.url), _Leg("decode", decode))
+        rooms_of: list[int | None] = list(rooms)
+        return Attempt(prefill, decode, rids, rooms_of, body, _Leg("prefill", prefill.url), _Leg("decode", decode))
 
     async def _open(self, leg: _Leg, ex: Exchange, att: Attempt) -> WireResponse:
         leg.resp = await self.up.pool(leg.url).post(ex.path, att.body, ex.headers)
@@ -221,7 +235,7 @@ class Dispatcher:
     def _prefill_answer(self, att: Attempt) -> Outcome | None:
         """P's answer while nothing reached the client: its 4xx as the client's answer, None when P succeeded (its
         answer is then drained), or _LegFailed when P failed (5xx, broken connection, timeout)."""
-        assert att.p.task is not None
+        assert att.p is not None and att.p.task is not None
         exc = att.p.task.exception()
         if exc is not None:
             raise self._failed(att.p, exc)
@@ -248,7 +262,12 @@ class Dispatcher:
         return out
 
     async def _run_attempt(self, ex: Exchange, att: Attempt) -> Outcome:
-        """Sends to P and D concurrently; returns what the client gets, or raises _LegFailed."""
+        """Sends to P and D concurrently (to D alone when it prefills locally); returns what the client gets, or raises
+        _LegFailed."""
+        if att.p is None:
+            att.d.task = asyncio.create_task(self._open_decode(att.d, ex, att))
+            await asyncio.wait({att.d.task})
+            return self._decode_answer(att)
         att.p.task = asyncio.create_task(self._open_prefill(att.p, ex, att))
         att.d.task = asyncio.create_task(self._open_decode(att.d, ex, att))
         p_seen = False
@@ -274,7 +293,7 @@ class Dispatcher:
     async def _end_attempt(self, att: Attempt, e: _LegFailed) -> None:
         """After a failed leg: close our side of it now, and make both servers let go of the attempt (the failed one
         only if the request may have reached it)."""
-        await self._close_leg(att.p if e.role == "prefill" else att.d)
+        await self._close_leg(att.p if e.role == "prefill" and att.p is not None else att.d)
         other = "decode" if e.role == "prefill" else "prefill"
         self.abort_legs(att, BOTH_LEGS if e.reached else (other,))
 
@@ -284,11 +303,16 @@ class Dispatcher:
         failed: set[str] = set()
         errors: list[_LegFailed] = []
         attempts = self.cfg.max_retries + 1
+        local = ex.pd_path is PrefillPath.LOCAL
         for i in range(attempts):
-            prefill, decode = await self.up.pick(failed)
+            prefill: PrefillServer | None
+            if local:
+                prefill, decode = None, await self.up.pick_decode(failed)
+            else:
+                prefill, decode = await self.up.pick(failed)
             if i:
                 telemetry.count_retry()
-                if prefill.url in failed or decode in failed:
+                if (prefill is not None and prefill.url in failed) or decode in failed:
                     # nothing untried is left: give a restarting server a moment
                     await asyncio.sleep(min(0.05 * 2**i, 1.0))
             att = ex.attempt = self._attempt(ex, prefill, decode)
@@ -305,7 +329,7 @@ class Dispatcher:
                 continue
             except BaseException:
                 # cancelled (client gone, deadline) or failed: the caller aborts; stop our side right now
-                await asyncio.shield(asyncio.gather(self._close_leg(att.p), self._close_leg(att.d)))
+                await asyncio.shield(asyncio.gather(*(self._close_leg(leg) for leg in att.legs)))
                 raise
             if out.status >= 400:
                 # one side refused the request: the other is waiting for a partner that will never come
@@ -313,6 +337,5 @@ class Dispatcher:
             return out
         status = 503 if all(e.status == 503 for e in errors) else 502
         tried = "; ".join(ex.failures)
-        raise UpstreamFailure(
-            status, f"no prefill/decode pair could serve the request in {attempts} attempt(s): {tried}"
-        )
+        who = "no decode server (prefilling locally)" if local else "no prefill/decode pair"
+        raise UpstreamFailure(status, f"{who} could serve the request in {attempts} attempt(s): {tried}")

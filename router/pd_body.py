@@ -1,4 +1,5 @@
-"""What the router sends to P and D: the client's body plus, per prompt, a rid and a bootstrap room.
+"""What the router sends to P and D: the client's body plus, per prompt, a rid and a bootstrap room; or, for a request
+prefilled on the decode server (`router.local_prefill`), to D alone: the body plus rids, no bootstrap fields.
 
 Both servers must get byte-for-byte the same body (DESIGN.md §2 step 1): the decode server finds the prefill's KV by
 (bootstrap_host, bootstrap_port, bootstrap_room), and aborts name the rid. The rules for rids and batches are the
@@ -15,7 +16,10 @@ from typing import Any
 from contracts.pd import ROOM_MAX, prompt_rids
 from router.config import PrefillServer
 
-__all__ = ["assign_rids", "draw_rooms", "pd_body"]
+__all__ = ["BOOTSTRAP_FIELDS", "assign_rids", "draw_rooms", "local_body", "pd_body"]
+
+# What makes a decode server wait for a prefill's KV instead of prefilling the prompt itself.
+BOOTSTRAP_FIELDS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
 
 
 def assign_rids(client_rid: Any, n: int | None) -> list[str]:
@@ -51,4 +55,12 @@ def pd_body(body: dict[str, Any], n: int | None, prefill: PrefillServer, rids: l
             bootstrap_room=rooms,
             rid=rids,
         )
+    return json.dumps(out).encode()
+
+
+def local_body(body: dict[str, Any], n: int | None, rids: list[str]) -> bytes:
+    """The JSON body for a request prefilled on the decode server (conditional disaggregation): the client's body with
+    the rids and without any bootstrap field (a client's own would make the decode server wait for KV nobody sends)."""
+    out = {k: v for k, v in body.items() if k not in BOOTSTRAP_FIELDS}
+    out["rid"] = rids[0] if n is None else rids
     return json.dumps(out).encode()

@@ -22,6 +22,7 @@ from contracts.errors import sse_error
 from router import telemetry
 from router.dispatch import Exchange, Outcome
 from router.errors import CLIENT_CLOSED, openai_error
+from router.local_prefill import PD_HEADER
 from router.wire import ReadTimeout, UpstreamError
 
 log = logging.getLogger("pdserve.router")
@@ -172,7 +173,9 @@ class RelayResponse(Response):
         ex = self._ex
         if not ex.started:
             ex.started = True
-            err = openai_error(status, message)
+            # the decision stays visible on an error that replaces the stream before it started
+            pd = self._out.headers.get(PD_HEADER)
+            err = openai_error(status, message, headers={PD_HEADER: pd} if pd else None)
             await send({"type": "http.response.start", "status": status, "headers": err.raw_headers})
             await send({"type": "http.response.body", "body": err.body, "more_body": False})
             return

@@ -3,14 +3,15 @@ bucket list and label value); the router records them with role="router".
 
 Recorded: TTFT (request arrival → first content-carrying chunk of D's stream; streams only), e2e latency (requests
 answered in full with a 2xx), pdserve_requests_total{status} once per request, retries, and the number of requests
-in flight (pdserve_running_requests), and each server's health as the router sees it (pdserve_router_upstream_healthy).
+in flight (pdserve_running_requests), each server's health as the router sees it (pdserve_router_upstream_healthy), and
+where each dispatched request was prefilled (pdserve_pd_decision_total{path}: remote or local, once per request).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from contracts.metrics import Role, get_metrics, status_label
+from contracts.metrics import PrefillPath, Role, get_metrics, status_label
 from contracts.metrics import render as _render
 
 ROLE = Role.ROUTER.value  # the label value (str() of the enum member would be "Role.ROUTER")
@@ -50,6 +51,18 @@ def request_rejected(http_status: int, aborted: bool = False) -> None:
 
 def observe_ttft(seconds: float) -> None:
     _child(get_metrics().time_to_first_token).observe(seconds)
+
+
+_decisions: dict[PrefillPath, tuple[Any, Any]] = {}
+
+
+def count_decision(path: PrefillPath) -> None:
+    """Once per dispatched request: where its prompts are prefilled (conditional disaggregation)."""
+    metric = get_metrics().pd_decisions
+    hit = _decisions.get(path)
+    if hit is None or hit[0] is not metric:
+        hit = _decisions[path] = (metric, metric.labels(path=path.value))
+    hit[1].inc()
 
 
 def count_retry() -> None:

@@ -189,14 +189,22 @@ class Upstreams:
             self.loads.note_dispatch(d_url)
         return self._prefill_by_url[p_url], d_url
 
+    async def pick_decode(self, failed: set[str]) -> str:
+        """A decode server alone, for a request it prefills itself (no prefill server is involved or counted)."""
+        loads = await self.loads.loads(self.all_urls) if self.policy.needs_loads else None
+        d_url = self.policy.choose("decode", self._candidates(self.cfg.decode, failed), loads)
+        if self.policy.needs_loads:
+            self.loads.note_dispatch(d_url)
+        return d_url
+
     # ---- control calls ---------------------------------------------------------------------------------
 
-    async def post_abort(self, url: str, rid: str, room: int) -> None:
+    async def post_abort(self, url: str, rid: str, room: int | None) -> None:
         """Asks `url` to drop the prompt of this attempt: rid AND room, since a rid alone may be another client's
         (clients choose rids, and two may choose the same one) or a later attempt's (a client-chosen rid is reused
-        on a retry, with a new room)."""
-        body = {"rid": rid, "bootstrap_room": room}
+        on a retry, with a new room). A prompt prefilled on the decode server has no room: rid alone (room None)."""
+        body: dict[str, Any] = {"rid": rid} if room is None else {"rid": rid, "bootstrap_room": room}
         try:
             await self.client(url).post(url + "/abort_request", json=body, timeout=CONTROL_TIMEOUT_S)
         except httpx.HTTPError as e:
-            log.info("abort of %s (room %d) at %s failed: %s", rid, room, url, e)
+            log.info("abort of %s (room %s) at %s failed: %s", rid, room, url, e)
