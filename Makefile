@@ -29,3 +29,4 @@ bench: setup
 	$(PY) bench/transfer.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/serve.py
+	$(PY) bench/decode.py

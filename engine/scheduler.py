@@ -23,6 +23,7 @@ prefills go first (an EXTEND batch of whole requests within `max_prefill_tokens`
 from __future__ import annotations
 
 import bisect
+import logging
 from collections import deque
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ from engine.batch import ForwardMode
 from engine.headroom import HeadroomEstimator
 from engine.kvcache import PageAllocator, pages_for
 from engine.request import FinishReason, Request, RequestStatus
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -220,6 +223,7 @@ class Scheduler:
         for queue in (self.running, self.prefilling):
             if req in queue:
                 queue.remove(req)
+        log.info("KV pool full: retracted request %s (%d tokens, %d pages)", req.rid, req.seq_len, len(req.pages))
         self.allocator.free(req.pages)
         req.pages, req.num_cached = [], 0
         req.retractions += 1

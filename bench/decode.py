@@ -1,0 +1,187 @@
+"""Decode memory: concurrent long-context chats without max_tokens, admission by need vs worst-case reservation.
+
+One run starts the whole disaggregated path (router + prefill + decode processes, Mooncake on loopback) twice on
+the same long-context model and bounded decode pool, once per admission policy, and sends the same workload to
+each: `--chats` streamed chat requests at once, none with `max_tokens` (so each may run to the end of the context),
+each ending on a stop string taken from its own greedy reply at a length drawn from `--min-len`..`--max-len`
+tokens. A warm-up pass sends every chat once (it finds the stop strings, and teaches the need policy's estimate
+what chats take, as a server in service would have learnt). Reported per policy: the most requests streaming at
+once (client side) and the mean running count the decode server reported (/server_info, sampled), output tokens/s,
+TTFT p50/p99, retractions. The physical bound on concurrency is the pool: pages / pages per chat actually used.
+
+    .venv/bin/python bench/decode.py [--chats 64] [--pages 1024] [--min-len 40] [--max-len 160]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.stack import Stack, find_key
+
+MODEL = "builtin:tiny-llama"  # 4096-token context
+TOPICS = ["foxes", "rivers", "the moon", "old maps", "bread", "trains", "winter", "music", "ships", "gardens"]
+
+
+def progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def chat(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Tell me story number {i} about {TOPICS[i % len(TOPICS)]}."}]
+
+
+async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], stop: str | None) -> dict:
+    body = {"model": MODEL, "messages": messages, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "stop": stop}  # fmt: skip
+    t0 = time.monotonic()
+    first, tokens = None, 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=1200) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("choices") and first is None:
+                first = time.monotonic()
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return {"t0": t0, "first": first or time.monotonic(), "last": time.monotonic(), "tokens": tokens}
+
+
+def most_at_once(results: list[dict]) -> int:
+    events = sorted([(r["first"], 1) for r in results] + [(r["last"], -1) for r in results])
+    best = now = 0
+    for _, d in events:
+        now += d
+        best = max(best, now)
+    return best
+
+
+def stop_strings(stack: Stack, chats: list[list[dict]], lengths: list[int]) -> list[str | None]:
+    """Each chat's greedy reply, cut to its drawn length: the last three tokens' text is its stop string."""
+
+    async def one(client: httpx.AsyncClient, messages: list[dict], n: int) -> str | None:
+        body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": n + 3, "logprobs": False}
+        r = await client.post(f"{stack.router_url}/v1/chat/completions", json=body, timeout=1200)
+        r.raise_for_status()
+        text = r.json()["choices"][0]["message"]["content"]
+        tail = text[-12:]  # about three tokens of text: where the reply should stop
+        return tail if tail.strip() and "\ufffd" not in tail else None
+
+    async def run() -> list[str | None]:
+        async with httpx.AsyncClient() as client:
+            return await asyncio.gather(*(one(client, m, n) for m, n in zip(chats, lengths, strict=True)))
+
+    return asyncio.run(run())
+
+
+class RunningSampler(threading.Thread):
+    """Samples the decode server's running count (its scheduler stats, every ~0.5 s) while the workload runs."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.samples, self.done = url, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.25):
+            with contextlib.suppress(httpx.HTTPError, KeyError):
+                self.samples.append(find_key(httpx.get(f"{self.url}/server_info", timeout=5).json(), "running"))
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def run_policy(policy: str, args: argparse.Namespace, lengths: list[int]) -> dict:
+    decode = ["--kv-pages", str(args.pages), "--max-batch-size", str(args.chats), "--admission-policy", policy]
+    progress(f"{policy}: starting router + prefill + decode")
+    stack = Stack("mooncake", decode_extra=decode, model=MODEL)
+    try:
+        chats = [chat(i) for i in range(args.chats)]
+        progress(f"{policy}: warm-up (finds each chat's stop string)")
+        stops = stop_strings(stack, chats, lengths)
+        sampler = RunningSampler(stack.decode_url)
+        sampler.start()
+        progress(f"{policy}: {args.chats} chats at once")
+
+        async def run() -> list[dict]:
+            async with httpx.AsyncClient(limits=httpx.Limits(max_connections=args.chats * 2)) as client:
+                return await asyncio.gather(
+                    *(stream_chat(client, stack.router_url, m, s) for m, s in zip(chats, stops, strict=True))
+                )
+
+        t0 = time.monotonic()
+        results = asyncio.run(run())
+        wall = time.monotonic() - t0
+        sampler.done.set()
+        ttft = [r["first"] - r["t0"] for r in results]
+        busy = [s for s in sampler.samples if s > 0]
+        return {
+            "most": most_at_once(results),
+            "mean_running": statistics.fmean(busy) if busy else 0.0,
+            "tok_s": sum(r["tokens"] for r in results) / wall,
+            "ttft_p50": percentile(ttft, 0.5),
+            "ttft_p99": percentile(ttft, 0.99),
+            "retractions": metric(stack.decode_url, "pdserve_retractions_total"),
+            "ratio": metric(stack.decode_url, "pdserve_headroom_ratio"),
+            "tokens": sum(r["tokens"] for r in results),
+            "stopped": sum(s is not None for s in stops),
+        }
+    finally:
+        stack.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--chats", type=int, default=64)
+    p.add_argument("--pages", type=int, default=1024, help="decode KV pool, pages of 16 tokens")
+    p.add_argument("--min-len", type=int, default=40)
+    p.add_argument("--max-len", type=int, default=160)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    rng = random.Random(args.seed)
+    lengths = [rng.randint(args.min_len, args.max_len) for _ in range(args.chats)]
+    rows = {policy: run_policy(policy, args, lengths) for policy in ("worst_case", "need")}
+    worst, need = rows["worst_case"], rows["need"]
+    context, page = 4096, 16
+    used_pages = (need["tokens"] / args.chats + 40) / page  # mean reply + ~40 prompt tokens
+    print(f"\nDecode memory: {args.chats} chats without max_tokens at once, {MODEL} (context {context}), decode pool "
+          f"{args.pages} pages x {page} tokens; replies {args.min_len}-{args.max_len} tokens "
+          f"({need['stopped']}/{args.chats} end on a stop string)\n")  # fmt: skip
+    print("| policy | most at once | mean running | output tok/s | TTFT p50 s | TTFT p99 s | retractions |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['most']} | {r['mean_running']:.1f} | {r['tok_s']:.0f} | {r['ttft_p50']:.2f} | "
+              f"{r['ttft_p99']:.2f} | {r['retractions']:.0f} |")  # fmt: skip
+    print(f"| need / worst_case | x{need['most'] / max(1, worst['most']):.1f} | "
+          f"x{need['mean_running'] / max(0.1, worst['mean_running']):.1f} | x{need['tok_s'] / worst['tok_s']:.2f} | "
+          f"x{need['ttft_p50'] / worst['ttft_p50']:.2f} | x{need['ttft_p99'] / worst['ttft_p99']:.2f} | |")  # fmt: skip
+    print(f"\nbounds: worst case fits {args.pages // (context // page)} chats (a whole context each); the pool holds "
+          f"~{args.pages / used_pages:.0f} chats of the lengths actually generated (batch cap {args.chats}); "
+          f"need's learned estimate: {need['ratio']:.3f} of a chat's remaining budget (clipped at 4096)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
