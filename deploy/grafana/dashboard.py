@@ -253,6 +253,44 @@ def build() -> dict:
         )
     )
 
+    L.row("Decode memory and conditional disaggregation")
+    L.add(
+        timeseries(
+            "Retractions / s",
+            [
+                q(
+                    f"sum by (role, instance) (rate(pdserve_retractions_total{{{R}}}[$__rate_interval]))",
+                    "{{role}} {{instance}}",
+                )
+            ],
+            "short",
+            "Running requests whose pages were taken back when the pool ran out; each recomputes its prompt and "
+            "generated tokens later. A steady rate means the pool is too small for the load or the estimate too low.",
+        )
+    )
+    L.add(
+        timeseries(
+            "Admission headroom",
+            [
+                q(f"max by (role, instance) (pdserve_headroom_ratio{{{R}}})", "ratio {{role}} {{instance}}"),
+                q(f"max by (role, instance) (pdserve_headroom_pages{{{R}}})", "pages {{role}} {{instance}}"),
+            ],
+            "short",
+            "ratio: the share of a request's remaining budget it is expected to still generate (learnt from finished "
+            "requests, raised after retractions); pages: what the running requests are expected to still take.",
+        )
+    )
+    L.add(
+        timeseries(
+            "Prefill path / s: remote vs local",
+            [q("sum by (path) (rate(pdserve_pd_decision_total[$__rate_interval]))", "{{path}}")],
+            "short",
+            "The router's decision per request: remote (prefill server + KV transfer) or local (short prompt, "
+            "prefilled by the decode server).",
+            stack=True,
+        )
+    )
+
     L.row("Prefill → decode KV transfer")
     L.add(timeseries("KV transfer latency p50 / p90 / p99", quantiles("pdserve_kv_transfer_seconds"), "s"), w=6)
     L.add(
