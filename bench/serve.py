@@ -15,6 +15,11 @@ taken from the servers, and it is far less noisy than latency). The router's add
 direct's at the same concurrency.
 
     .venv/bin/python bench/serve.py [--backend mooncake] [--concurrency 1,8,32] [--doors pdserve,sglang,direct]
+
+Conditional disaggregation (short prompts prefilled on the decode server; bench/serve_local.py) instead of the doors:
+
+    .venv/bin/python bench/serve.py --conditional [--concurrency 1,8,32]   TTFT p50/p99, on vs off
+    .venv/bin/python bench/serve.py --local-sweep 16,64,256,1024           TTFT local vs remote by prompt length
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ from harness.stack import MODEL, Stack
 from tokenization.tokenizer import Tokenizer
 
 DOORS = ("pdserve", "sglang", "direct")
-DOOR_LABEL = {"pdserve": "pdserve router", "sglang": "sglang-router", "direct": "direct"}
+# "local": a second pdserve router with conditional disaggregation on (bench/serve_local.py), never a --doors choice
+DOOR_LABEL = {"pdserve": "pdserve router", "sglang": "sglang-router", "direct": "direct", "local": "pdserve local"}
 
 # Prompts are slices of this text (repeated as needed), so prompt content is fixed across runs and doors.
 SOURCE_TEXT = (
@@ -287,8 +293,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests", type=int, default=None, help="per (concurrency, door); default max(16, 4*conc)")
     ap.add_argument("--output-len", type=int, default=32)
-    ap.add_argument("--min-prompt", type=int, default=100, help="prompt tokens, lower bound")
-    ap.add_argument("--max-prompt", type=int, default=300, help="prompt tokens, upper bound")
+    ap.add_argument("--min-prompt", type=int, default=None, help="prompt tokens, lower bound (100; --conditional: 8)")
+    ap.add_argument("--max-prompt", type=int, default=None, help="prompt tokens, upper bound (300; --conditional: 32)")
     ap.add_argument(
         "--rounds",
         type=int,
@@ -297,7 +303,23 @@ def parse_args() -> argparse.Namespace:
         "so each door runs first, middle and last once",
     )
     ap.add_argument("--doors", default=",".join(DOORS))
+    ap.add_argument(
+        "--conditional",
+        action="store_true",
+        help="conditional disaggregation rows instead of the doors: short prompts, TTFT with local prefill on vs off",
+    )
+    ap.add_argument(
+        "--local-sweep",
+        default="",
+        metavar="LENGTHS",
+        help="e.g. 16,64,256,1024: TTFT local vs remote for prompts of each length at each --local-sweep-concurrency",
+    )
+    ap.add_argument("--local-sweep-concurrency", default="1", help="--local-sweep: concurrency levels")
+    ap.add_argument("--local-max-tokens", type=int, default=None, help="--conditional: the on-router's threshold")
     args = ap.parse_args()
+    if not (args.conditional or args.local_sweep):
+        args.min_prompt = 100 if args.min_prompt is None else args.min_prompt
+        args.max_prompt = 300 if args.max_prompt is None else args.max_prompt
     args.wanted = args.doors.split(",")
     if unknown := set(args.wanted) - set(DOORS):
         ap.error(f"unknown door(s) {sorted(unknown)}; choose from {','.join(DOORS)}")
@@ -388,6 +410,17 @@ def main() -> None:
     progress(f"starting prefill, decode and router ({args.backend})")
     stack = Stack(args.backend)
     notes: list[str] = []
+    if args.conditional or args.local_sweep:
+        from bench.serve_local import run_conditional
+
+        try:
+            progress(f"servers ready in {time.perf_counter() - started:.0f}s (logs in {stack.log_dir})")
+            run_conditional(args, stack, tok)
+        finally:
+            stack.stop()
+        print(f"client and servers on {os.cpu_count()} CPUs; 1-min load average {load_before:.1f} before the run, "
+              f"{os.getloadavg()[0]:.1f} after; {time.perf_counter() - started:.0f}s in all")  # fmt: skip
+        return
     try:
         progress(f"servers ready in {time.perf_counter() - started:.0f}s (logs in {stack.log_dir})")
         doors = open_doors(stack, args.wanted, notes)
