@@ -47,6 +47,9 @@ __all__ = ["GENERATE_PATHS", "PD_HEADER", "Router", "RouterApp", "create_app", "
 
 GENERATE_PATHS = tuple(DIALECT_OF_PATH)
 FORWARDED_HEADERS = ("authorization", "x-request-id", "x-correlation-id")
+# Bodies larger than this are counted (conditional disaggregation) in a worker thread, so other requests' streams do
+# not stall meanwhile; the servers' fronts tokenize long prompts off their loop for the same reason.
+DECIDE_INLINE_MAX_BYTES = 16384
 
 
 class Router:
@@ -77,8 +80,9 @@ class Router:
     def _timeout_message(self) -> str:
         return f"request timed out after {self.cfg.request_timeout_s:g} s"
 
-    async def _read(self, request: Request, path: str) -> tuple[dict[str, Any], int | None] | Response:
-        """The checked body and its batch size, or the answer that refuses the request before dispatch."""
+    async def _read(self, request: Request, path: str) -> tuple[dict[str, Any], int | None, int] | Response:
+        """The checked body, its batch size and its size in bytes, or the answer that refuses the request before
+        dispatch."""
         body_in = RequestBody(request.headers, request.receive, self.cfg.max_body_bytes)
         denied = self.check_auth(request)
         if denied is not None:
@@ -98,7 +102,7 @@ class Router:
         except RidError as e:
             telemetry.request_rejected(400)
             return openai_error(400, str(e), param="rid")
-        return body, n
+        return body, n, body_in.size
 
     @staticmethod
     async def _refuse(response: Response, body_in: RequestBody) -> Response:
@@ -113,7 +117,14 @@ class Router:
         parsed = await self._read(request, path)
         if isinstance(parsed, Response):
             return parsed
-        body, n = parsed
+        body, n, size = parsed
+        # counting tokens is CPU work: a large body's (rare: a short prompt is a small body) is done off the event loop
+        decide = self.decider.decide
+        dialect = DIALECT_OF_PATH[path]
+        if self.decider.active and size > DECIDE_INLINE_MAX_BYTES:
+            pd_path = await asyncio.to_thread(decide, body, dialect)
+        else:
+            pd_path = decide(body, dialect)
         ex = Exchange(
             path=path,
             body=body,
@@ -122,7 +133,7 @@ class Router:
             headers=[(k, v) for k in FORWARDED_HEADERS if (v := request.headers.get(k)) is not None],
             t0=t0,
             deadline=t0 + self.cfg.request_timeout_s,
-            pd_path=self.decider.decide(body, DIALECT_OF_PATH[path]),
+            pd_path=pd_path,
         )
         telemetry.count_decision(ex.pd_path)
         telemetry.request_started()

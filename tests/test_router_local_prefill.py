@@ -300,9 +300,14 @@ def test_short_requests_reach_only_decode_without_bootstrap_fields(
     assert r.status_code == 200 and r.headers["x-pd-prefill"] == "remote"
     [p_body] = sv["p1"].generate_bodies(1)
     assert p_body == sv["d1"].requests[-1][1] and p_body["bootstrap_port"] == 8998
+    # a large body is counted off the event loop (app.DECIDE_INLINE_MAX_BYTES), to the same decision
+    r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "user": "u" * 20_000})
+    assert r.status_code == 200 and r.headers["x-pd-prefill"] == "local"
+    r = httpx.post(url + "/v1/completions", json={"prompt": "word " * 5_000})
+    assert r.status_code == 200 and r.headers["x-pd-prefill"] == "remote"
     after = decisions(url)
-    assert (after["local"] - before["local"], after["remote"] - before["remote"]) == (2, 1)
-    assert len(sv["p1"].requests) == 1  # none of the short ones ever reached the prefill
+    assert (after["local"] - before["local"], after["remote"] - before["remote"]) == (3, 2)
+    assert len(sv["p1"].generate_bodies(2)) == 2  # none of the short ones ever reached the prefill
 
 
 def test_off_switches_send_everything_remote(sv: dict[str, StandIn], make_router: Any, tiny_dir: str) -> None:
