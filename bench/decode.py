@@ -4,8 +4,9 @@ One run starts the whole disaggregated path (router + prefill + decode processes
 the same long-context model and bounded decode pool, once per admission policy, and sends the same workload to
 each: `--chats` streamed chat requests at once, none with `max_tokens` (so each may run to the end of the context),
 each ending on a stop string taken from its own greedy reply at a length drawn from `--min-len`..`--max-len`
-tokens. A warm-up pass sends every chat once (it finds the stop strings, and teaches the need policy's estimate
-what chats take, as a server in service would have learnt). Reported per policy: the most requests streaming at
+tokens (found by the colocated engine, token-exact with the servers; a chat whose reply has no readable text to
+stop on gets that length as max_tokens). A warm-up pass sends the same chats once first, teaching the need policy's
+estimate what chats take, as a server in service would have learnt. Reported per policy: the most requests streaming at
 once (client side) and the mean running count the decode server reported (/server_info, sampled), output tokens/s,
 TTFT p50/p99, retractions. The physical bound on concurrency is the pool: pages / pages per chat actually used.
 
@@ -29,6 +30,10 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.sampling import SamplingParams
+from harness.sse import sse_data
 from harness.stack import Stack, find_key
 
 MODEL = "builtin:tiny-llama"  # 4096-token context
@@ -48,18 +53,20 @@ def chat(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Tell me story number {i} about {TOPICS[i % len(TOPICS)]}."}]
 
 
-async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], stop: str | None) -> dict:
+async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], stop: str | None, length: int) -> dict:
     body = {"model": MODEL, "messages": messages, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "stop": stop}  # fmt: skip
+    if stop is None:
+        body["max_tokens"] = length
     t0 = time.monotonic()
     first, tokens = None, 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=1200) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for data in sse_data(r):
+            if data == "[DONE]":
                 continue
-            event = json.loads(line[6:])
+            event = json.loads(data)
             if event.get("choices") and first is None:
                 first = time.monotonic()
             if event.get("usage"):
@@ -76,22 +83,23 @@ def most_at_once(results: list[dict]) -> int:
     return best
 
 
-def stop_strings(stack: Stack, chats: list[list[dict]], lengths: list[int]) -> list[str | None]:
-    """Each chat's greedy reply, cut to its drawn length: the last three tokens' text is its stop string."""
+def stop_strings(chats: list[list[dict]], lengths: list[int]) -> list[str | None]:
+    """Each chat's greedy reply at its drawn length, from the colocated engine (token-exact with the servers): ~10
+    characters of readable text near its end become its stop string."""
+    engine = Engine(EngineConfig(model=MODEL, device="cpu", skip_warmup=True))
+    prompts = [engine.tokenizer.apply_chat_template(m) for m in chats]
+    outs = engine.generate(prompts, [SamplingParams(max_new_tokens=n) for n in lengths])
+    stops: list[str | None] = []
+    for out in outs:
+        text = out.text
+        # as near the end as possible, whole characters only (a byte-level token may be half a character)
+        tail = next((text[e - 10 : e] for e in range(len(text), 10, -1) if _readable(text[e - 10 : e])), None)
+        stops.append(tail)
+    return stops
 
-    async def one(client: httpx.AsyncClient, messages: list[dict], n: int) -> str | None:
-        body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": n + 3, "logprobs": False}
-        r = await client.post(f"{stack.router_url}/v1/chat/completions", json=body, timeout=1200)
-        r.raise_for_status()
-        text = r.json()["choices"][0]["message"]["content"]
-        tail = text[-12:]  # about three tokens of text: where the reply should stop
-        return tail if tail.strip() and "\ufffd" not in tail else None
 
-    async def run() -> list[str | None]:
-        async with httpx.AsyncClient() as client:
-            return await asyncio.gather(*(one(client, m, n) for m, n in zip(chats, lengths, strict=True)))
-
-    return asyncio.run(run())
+def _readable(s: str) -> bool:
+    return bool(s.strip()) and "\ufffd" not in s
 
 
 class RunningSampler(threading.Thread):
@@ -114,24 +122,27 @@ def metric(url: str, name: str) -> float:
     return 0.0
 
 
-def run_policy(policy: str, args: argparse.Namespace, lengths: list[int]) -> dict:
+def run_policy(policy: str, args: argparse.Namespace, lengths: list[int], stops: list[str | None]) -> dict:
     decode = ["--kv-pages", str(args.pages), "--max-batch-size", str(args.chats), "--admission-policy", policy]
     progress(f"{policy}: starting router + prefill + decode")
     stack = Stack("mooncake", decode_extra=decode, model=MODEL)
     try:
         chats = [chat(i) for i in range(args.chats)]
-        progress(f"{policy}: warm-up (finds each chat's stop string)")
-        stops = stop_strings(stack, chats, lengths)
-        sampler = RunningSampler(stack.decode_url)
-        sampler.start()
-        progress(f"{policy}: {args.chats} chats at once")
 
         async def run() -> list[dict]:
             async with httpx.AsyncClient(limits=httpx.Limits(max_connections=args.chats * 2)) as client:
                 return await asyncio.gather(
-                    *(stream_chat(client, stack.router_url, m, s) for m, s in zip(chats, stops, strict=True))
+                    *(
+                        stream_chat(client, stack.router_url, m, s, n)
+                        for m, s, n in zip(chats, stops, lengths, strict=True)
+                    )
                 )
 
+        progress(f"{policy}: warm-up pass (the same chats: a server in service has seen such requests finish)")
+        asyncio.run(run())
+        sampler = RunningSampler(stack.decode_url)
+        sampler.start()
+        progress(f"{policy}: {args.chats} chats at once")
         t0 = time.monotonic()
         results = asyncio.run(run())
         wall = time.monotonic() - t0
@@ -163,7 +174,10 @@ def main() -> None:
     args = p.parse_args()
     rng = random.Random(args.seed)
     lengths = [rng.randint(args.min_len, args.max_len) for _ in range(args.chats)]
-    rows = {policy: run_policy(policy, args, lengths) for policy in ("worst_case", "need")}
+    chats = [chat(i) for i in range(args.chats)]
+    progress("each chat's stop string, from its greedy reply in the colocated engine")
+    stops = stop_strings(chats, lengths)
+    rows = {policy: run_policy(policy, args, lengths, stops) for policy in ("worst_case", "need")}
     worst, need = rows["worst_case"], rows["need"]
     context, page = 4096, 16
     used_pages = (need["tokens"] / args.chats + 40) / page  # mean reply + ~40 prompt tokens

@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from engine.builtin import resolve_model
+from harness.sse import sse_data
 from harness.stack import MODEL, Stack, find_key
 
 CONTEXT = 4096  # tiny-llama's max_position_embeddings: a chat without max_tokens may run this long
@@ -59,10 +60,10 @@ async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict],
     text, first, finish = "", None, None
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
         assert r.status_code == 200, await r.aread()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for data in sse_data(r):
+            if data == "[DONE]":
                 continue
-            for choice in json.loads(line[6:]).get("choices", []):
+            for choice in json.loads(data).get("choices", []):
                 first = first or time.monotonic()
                 text += choice["delta"].get("content") or ""
                 finish = choice.get("finish_reason") or finish
