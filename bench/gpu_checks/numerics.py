@@ -47,9 +47,9 @@ GRAPH_TOL = 0.01
 @dataclass(frozen=True)
 class Case:
     label: str
-    kind: str  # "prefill", "extend" or "decode"
-    lengths: tuple[int, ...]  # prompt (prefill, decode) or cached-prefix (extend) lengths
-    new: int = 0  # extend: new tokens on top of each prefix
+    kind: str  # "prefill", "extend", "decode" or "mixed"
+    lengths: tuple[int, ...]  # prompt (prefill, decode) or cached-prefix (extend, mixed) lengths
+    new: int = 0  # extend: new tokens on top of each prefix; mixed: on top of the first (the others decode)
 
 
 def cases(quick: bool) -> list[Case]:
@@ -60,6 +60,9 @@ def cases(quick: bool) -> list[Case]:
         # 32 tokens = 2 whole pages; 23 ends inside a page (the last-page length FlashInfer is told)
         Case("extend 40 on cached prefix 32, 23", "extend", (32, 23), new=40),
         Case("decode batch of 8, mixed lengths", "decode", (1, 7, 16, 17, 33, 100, 255, 512)),
+        # a MIXED batch (engine/scheduler.py): a prefill chunk on a cached prefix beside running decodes, one
+        # ragged extend for FlashInfer's prefill wrapper with query lengths 40, 1, 1
+        Case("mixed: extend 40 on prefix 23 + decodes on 16, 100", "mixed", (23, 16, 100), new=40),
     ]
 
 
@@ -67,7 +70,7 @@ def run_case(engine: Engine, case: Case, seed: int) -> torch.Tensor:
     """The case's logits on `engine`: every token's row for prefill/extend, the decode rows for decode."""
     prompts = random_prompts(vocab(engine), list(case.lengths), seed)
     n = len(prompts)
-    extra = case.new if case.kind == "extend" else 1
+    extra = case.new if case.kind in ("extend", "mixed") else 1
     tables = [alloc(engine, len(p) + extra) for p in prompts]
     try:
         if case.kind == "prefill":
@@ -77,6 +80,10 @@ def run_case(engine: Engine, case: Case, seed: int) -> torch.Tensor:
         if case.kind == "extend":
             new = random_prompts(vocab(engine), [case.new] * n, seed + 1)
             return forward(engine, new, lens, tables, all_tokens=True)
+        if case.kind == "mixed":
+            chunk = random_prompts(vocab(engine), [case.new], seed + 1)
+            decodes = [[t[0]] for t in random_prompts(vocab(engine), [1] * (n - 1), seed + 2)]
+            return forward(engine, chunk + decodes, lens, tables, all_tokens=True)
         tokens = [[t[0]] for t in random_prompts(vocab(engine), [1] * n, seed + 2)]
         return forward(engine, tokens, lens, tables)
     finally:
