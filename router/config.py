@@ -17,9 +17,15 @@ from contracts.http import DEFAULT_MAX_BODY_BYTES
 POLICIES = ("round_robin", "random", "least_load")
 
 # Conditional disaggregation (issue 13 item 4): a request whose every prompt has at most this many tokens is prefilled
-# by the decode server itself, skipping the prefill hop and the KV transfer. Chosen by `bench/serve.py --local-sweep`
-# (TTFT local vs remote at concurrency 1, builtin:tiny-llama on CPU): see the README's router section.
-DEFAULT_LOCAL_PREFILL_MAX_TOKENS = 64
+# by the decode server itself, skipping the prefill hop and the KV transfer. Chosen with `bench/serve.py --local-sweep`
+# (builtin:tiny-llama, mooncake, router + servers + client on one 2-core CPU host; ratios local/remote, per-round
+# medians). Concurrency 1, TTFT p50: 0.60 at 16 tokens, 0.65 at 64, 0.69 at 256, 0.77 at 1024, 0.85 at 2048 -- local
+# wins at every length (the saved hop and transfer are a fixed cost; both sides run the same prefill), so TTFT alone
+# finds no crossover. Concurrency 8: TTFT p50 0.07-0.20 at 512..2048, but the decode batch pays for the prefills it now
+# runs: ITL p50 +10% at 512, +12% at 1024, +83% at 2048. 1024 is the largest measured length where local wins TTFT
+# without a large cost to the requests already decoding. Re-measure on the deployment's hardware (GPU prefill is far
+# cheaper relative to the hop) and set --local-prefill-max-tokens there.
+DEFAULT_LOCAL_PREFILL_MAX_TOKENS = 1024
 LOCAL_PREFILL_ENV = "PDSERVE_LOCAL_PREFILL_MAX_TOKENS"
 TOKENIZER_ENV = "PDSERVE_TOKENIZER"
 

@@ -161,7 +161,8 @@ class Dispatcher:
 
     def abort_legs(self, att: Attempt | None, legs: tuple[str, ...] = BOTH_LEGS) -> None:
         """Fire-and-forget: stop our side of the named legs and tell those servers to drop this attempt's prompts.
-        Each abort names the rid and the room: the rid alone may be another client's request."""
+        Each abort names the rid and the room: the rid alone may be another client's request. A prompt prefilled on
+        the decode server has no room, so its abort names the rid alone (a fresh uuid unless the client chose it)."""
         if att is None:
             return
         for leg in att.legs:
