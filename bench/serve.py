@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from contracts.pd import ROOM_MAX
 from engine.builtin import resolve_model
+from harness.sse import sse_data
 from harness.stack import MODEL, Stack
 from tokenization.tokenizer import Tokenizer
 
@@ -178,11 +179,8 @@ class Door:
             if resp.status_code != 200:
                 await resp.aread()
                 raise RuntimeError(f"{resp.status_code}: {resp.text[:200]}")
-            async for line in resp.aiter_lines():
+            async for payload in sse_data(resp):  # not aiter_lines: generated text may hold U+2028 raw
                 now = time.perf_counter()
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
                 if payload == "[DONE]":
                     done = True
                     break
