@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import random
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.sampling import SamplingParams
+from harness.observe import RunningSampler, most_at_once, scrape_metric
 from harness.sse import sse_data
-from harness.stack import Stack, find_key
+from harness.stack import Stack
 
 MODEL = "builtin:tiny-llama"  # 4096-token context
 TOPICS = ["foxes", "rivers", "the moon", "old maps", "bread", "trains", "winter", "music", "ships", "gardens"]
@@ -74,15 +73,6 @@ async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict],
     return {"t0": t0, "first": first or time.monotonic(), "last": time.monotonic(), "tokens": tokens}
 
 
-def most_at_once(results: list[dict]) -> int:
-    events = sorted([(r["first"], 1) for r in results] + [(r["last"], -1) for r in results])
-    best = now = 0
-    for _, d in events:
-        now += d
-        best = max(best, now)
-    return best
-
-
 def stop_strings(chats: list[list[dict]], lengths: list[int]) -> list[str | None]:
     """Each chat's greedy reply at its drawn length, from the colocated engine (token-exact with the servers): ~10
     characters of readable text near its end become its stop string."""
@@ -100,26 +90,6 @@ def stop_strings(chats: list[list[dict]], lengths: list[int]) -> list[str | None
 
 def _readable(s: str) -> bool:
     return bool(s.strip()) and "\ufffd" not in s
-
-
-class RunningSampler(threading.Thread):
-    """Samples the decode server's running count (its scheduler stats, every ~0.5 s) while the workload runs."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url, self.samples, self.done = url, [], threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.25):
-            with contextlib.suppress(httpx.HTTPError, KeyError):
-                self.samples.append(find_key(httpx.get(f"{self.url}/server_info", timeout=5).json(), "running"))
-
-
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def run_policy(policy: str, args: argparse.Namespace, lengths: list[int], stops: list[str | None]) -> dict:
@@ -146,17 +116,17 @@ def run_policy(policy: str, args: argparse.Namespace, lengths: list[int], stops:
         t0 = time.monotonic()
         results = asyncio.run(run())
         wall = time.monotonic() - t0
-        sampler.done.set()
+        running = sampler.stop()
         ttft = [r["first"] - r["t0"] for r in results]
-        busy = [s for s in sampler.samples if s > 0]
+        busy = [s for s in running if s > 0]
         return {
             "most": most_at_once(results),
             "mean_running": statistics.fmean(busy) if busy else 0.0,
             "tok_s": sum(r["tokens"] for r in results) / wall,
             "ttft_p50": percentile(ttft, 0.5),
             "ttft_p99": percentile(ttft, 0.99),
-            "retractions": metric(stack.decode_url, "pdserve_retractions_total"),
-            "ratio": metric(stack.decode_url, "pdserve_headroom_ratio"),
+            "retractions": scrape_metric(stack.decode_url, "pdserve_retractions_total"),
+            "ratio": scrape_metric(stack.decode_url, "pdserve_headroom_ratio"),
             "tokens": sum(r["tokens"] for r in results),
             "stopped": sum(s is not None for s in stops),
         }

@@ -62,10 +62,6 @@ class Request:
     def finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
-    def uncached_ids(self) -> list[int]:
-        """Tokens to feed the next forward: the whole uncached tail for prefill, the last token for decode."""
-        return self.all_ids[self.num_cached :]
-
     def next_chunk(self, n: int) -> list[int]:
         """The next `n` uncached tokens (a chunk of a prefill or of a retracted request's recomputation)."""
         return self.all_ids[self.num_cached : self.num_cached + n]

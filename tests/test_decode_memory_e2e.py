@@ -8,9 +8,7 @@ other end-to-end tests, and conditional disaggregation's).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import threading
 import time
 
 import httpx
@@ -19,6 +17,7 @@ import torch
 import transformers
 
 from engine.builtin import resolve_model
+from harness.observe import RunningSampler, most_at_once, scrape_metric
 from harness.sse import sse_data
 from harness.stack import MODEL, Stack, find_key
 
@@ -74,23 +73,10 @@ async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict],
     return {"text": text, "first": first, "last": time.monotonic(), "finish": finish}
 
 
-def most_at_once(results: list[dict]) -> int:
-    """The most requests that were streaming tokens (first chunk seen, last not yet) at the same moment."""
-    events = sorted([(r["first"], 1) for r in results] + [(r["last"], -1) for r in results])
-    best = now = 0
-    for _, d in events:
-        now += d
-        best = max(best, now)
-    return best
-
-
 def metric(url: str, name: str) -> float:
     """A decode-server metric once the scheduler's next stats went out (it publishes them every 0.5 s)."""
     time.sleep(0.7)
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return scrape_metric(url, name)
 
 
 def wait_idle(stack: Stack) -> None:
@@ -120,19 +106,10 @@ def test_32_long_context_chats_run_at_once_and_match_transformers(hf):
         ratio = metric(stack.decode_url, "pdserve_headroom_ratio")
         assert 0 < ratio < 0.2, ratio
         topics = [TOPICS[i % len(TOPICS)] for i in range(32)]
-        running: list[int] = []  # the decode scheduler's own count (its stats, every 0.5 s)
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.1):
-                with contextlib.suppress(httpx.HTTPError):
-                    running.append(find_key(httpx.get(f"{stack.decode_url}/server_info", timeout=5).json(), "running"))
-
-        sampler = threading.Thread(target=sample, daemon=True)
+        sampler = RunningSampler(stack.decode_url, every_s=0.1)  # the decode scheduler's own count
         sampler.start()
         results = asyncio.run(run(topics))
-        done.set()
-        sampler.join()
+        running = sampler.stop()
         for t, r in zip(topics, results, strict=True):
             assert r["text"] == refs[t][0], t
             assert r["finish"] == "stop"  # the stop string, or EOS before it
