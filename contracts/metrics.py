@@ -108,7 +108,16 @@ STAGES = tuple(m.value for m in Stage)
 FAILURE_REASONS = tuple(m.value for m in FailureReason)
 REQUEST_STATUSES = tuple(m.value for m in RequestStatus)
 BATCH_MODES = tuple(m.value for m in BatchMode)
+class CacheRoute(str, enum.Enum):
+    """The `decision` label of pdserve_router_cache_aware_total: how the cache-aware policy chose a prefill."""
+
+    PREFIX = "prefix"  # the server whose routed prompts share the longest prefix with this one
+    LEAST_LOAD = "least_load"  # no server matched enough of the prompt: the least loaded one
+    BALANCE = "balance"  # loads were too uneven to follow the prefix: the least loaded one
+
+
 PREFILL_PATHS = tuple(m.value for m in PrefillPath)
+CACHE_ROUTES = tuple(m.value for m in CacheRoute)
 
 # SLO-friendly latency buckets: dense between 0.1 s and 2 s, where TTFT/ITL SLOs usually sit, and
 # reaching 640 s so that long generations still land in a finite bucket.
@@ -169,6 +178,11 @@ class Metrics:
     headroom_ratio: Gauge  # pdserve_headroom_ratio{role}
     headroom_pages: Gauge  # pdserve_headroom_pages{role}
     pd_decisions: Counter  # pdserve_pd_decision_total{path}
+    prompt_tokens: Counter  # pdserve_prompt_tokens_total{role}
+    cached_prompt_tokens: Counter  # pdserve_cached_prompt_tokens_total{role}
+    prefix_cache_pages: Gauge  # pdserve_prefix_cache_pages{role}
+    prefill_chunks: Counter  # pdserve_prefill_chunks_total{role}
+    router_cache_aware: Counter  # pdserve_router_cache_aware_total{decision}
 
 
 _lock = threading.Lock()
@@ -345,6 +359,38 @@ def _build(multiproc: bool) -> Metrics:
             "Requests the router sent by prefill path: remote (prefill server + KV transfer) or local (prefilled "
             "by the decode server in its running batch).",
             ["path"],
+            registry=reg,
+        ),
+        prompt_tokens=Counter(
+            "pdserve_prompt_tokens",
+            "Prompt tokens of the requests a server prefilled (cached ones included).",
+            ["role"],
+            registry=reg,
+        ),
+        cached_prompt_tokens=Counter(
+            "pdserve_cached_prompt_tokens",
+            "Prompt tokens whose KV came from the prefix cache instead of a forward: the hit rate is this over "
+            "pdserve_prompt_tokens_total.",
+            ["role"],
+            registry=reg,
+        ),
+        prefix_cache_pages=Gauge(
+            "pdserve_prefix_cache_pages",
+            "KV pages held by the prefix cache (shared by running requests or kept for reuse until evicted).",
+            ["role"],
+            multiprocess_mode="livemax",
+            registry=reg,
+        ),
+        prefill_chunks=Counter(
+            "pdserve_prefill_chunks",
+            "Prefill chunks run: a prompt longer than --chunked-prefill-size runs as several, each sent on its own.",
+            ["role"],
+            registry=reg,
+        ),
+        router_cache_aware=Counter(
+            "pdserve_router_cache_aware",
+            "Prefill choices of the cache-aware policy: by shared prefix, or by load (no match, or loads uneven).",
+            ["decision"],
             registry=reg,
         ),
     )
