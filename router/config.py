@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from contracts.http import DEFAULT_MAX_BODY_BYTES
 
-POLICIES = ("round_robin", "random", "least_load")
+POLICIES = ("round_robin", "random", "least_load", "cache_aware")
 
 # Conditional disaggregation (issue 13 item 4): a request whose every prompt has at most this many tokens is prefilled
 # by the decode server itself, skipping the prefill hop and the KV transfer. Chosen with `bench/serve.py --local-sweep`
@@ -28,6 +28,24 @@ POLICIES = ("round_robin", "random", "least_load")
 DEFAULT_LOCAL_PREFILL_MAX_TOKENS = 1024
 LOCAL_PREFILL_ENV = "PDSERVE_LOCAL_PREFILL_MAX_TOKENS"
 TOKENIZER_ENV = "PDSERVE_TOKENIZER"
+
+# Cache-aware routing (`--policy cache_aware`, router/cache_aware.py): follow the prefix when more than this fraction of
+# the prompt's characters was last sent to one prefill...
+DEFAULT_CACHE_THRESHOLD = 0.5
+# ...unless the prefills' in-flight counts differ by more than ABS requests AND the busiest has more than REL times the
+# idlest's: then the least loaded one, so one hot prefix cannot pin one server while another idles.
+DEFAULT_BALANCE_ABS_THRESHOLD = 32
+DEFAULT_BALANCE_REL_THRESHOLD = 1.5
+# Characters of routed prompts remembered per prefill (~4 characters a token: about a million tokens, the order of a
+# large GPU prefix cache); least recently used prefixes are forgotten first, as the server's own cache forgets them.
+DEFAULT_MAX_TREE_CHARS = 1 << 22
+# name -> (flag, environment twin)
+CACHE_AWARE_FLAGS = {
+    "cache_threshold": ("--cache-threshold", "PDSERVE_CACHE_THRESHOLD"),
+    "balance_abs_threshold": ("--balance-abs-threshold", "PDSERVE_BALANCE_ABS_THRESHOLD"),
+    "balance_rel_threshold": ("--balance-rel-threshold", "PDSERVE_BALANCE_REL_THRESHOLD"),
+    "max_tree_chars": ("--max-tree-chars", "PDSERVE_MAX_TREE_CHARS"),
+}
 
 
 class RouterConfigError(ValueError):
@@ -116,6 +134,11 @@ class RouterConfig:
     # effect only with `tokenizer`: the router counts tokens exactly as the servers do, or not at all.
     local_prefill_max_tokens: int = DEFAULT_LOCAL_PREFILL_MAX_TOKENS
     tokenizer: str | None = None  # a Hugging Face model/tokenizer directory (the servers' --model)
+    # policy "cache_aware" only (see the DEFAULT_* above)
+    cache_threshold: float = DEFAULT_CACHE_THRESHOLD
+    balance_abs_threshold: int = DEFAULT_BALANCE_ABS_THRESHOLD
+    balance_rel_threshold: float = DEFAULT_BALANCE_REL_THRESHOLD
+    max_tree_chars: int = DEFAULT_MAX_TREE_CHARS
 
     def __post_init__(self) -> None:
         if isinstance(self.prefill, (str, PrefillServer)) or not isinstance(self.prefill, Sequence):
@@ -156,6 +179,10 @@ class RouterConfig:
                 f"health_check_interval_s must be >= 0 (0 disables health checks), got {self.health_check_interval_s!r}"
             )
         self._check_local_prefill()
+        for name, (flag, env) in CACHE_AWARE_FLAGS.items():
+            problem = cache_aware_problem(name, getattr(self, name))
+            if problem:
+                raise RouterConfigError(f"{name} ({flag}, ${env}) {problem}")
         if not isinstance(self.host, str) or not self.host:
             raise RouterConfigError(f"host must be a non-empty string, got {self.host!r}")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -187,6 +214,19 @@ class RouterConfig:
         return self.local_prefill_max_tokens > 0 and self.tokenizer is not None
 
 
+def cache_aware_problem(name: str, v: object) -> str | None:
+    """What is wrong with the cache-aware setting `name` = `v` (None: nothing), for RouterConfig and argparse alike."""
+    if name == "cache_threshold":
+        ok = _is_number(v) and 0 <= v <= 1  # type: ignore[operator]
+        return None if ok else f"must be a number in 0..1 (the share of the prompt a prefill must hold), got {v!r}"
+    if name == "balance_rel_threshold":
+        ok = _is_number(v) and v >= 1  # type: ignore[operator]
+        return None if ok else f"must be a number >= 1 (busiest load / idlest load), got {v!r}"
+    least = 0 if name == "balance_abs_threshold" else 1
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= least
+    return None if ok else f"must be an integer >= {least}, got {v!r}"
+
+
 def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -213,7 +253,12 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         "repeat for several",
     )
     parser.add_argument("--decode", action="append", default=[], metavar="URL", help="a decode server; repeatable")
-    parser.add_argument("--policy", choices=POLICIES, default=d["policy"].default, help="how P and D are picked")
+    parser.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default=d["policy"].default,
+        help="how P and D are picked (cache_aware: the prefill by shared prompt prefix and load, the decode by load)",
+    )
     parser.add_argument("--host", default=d["host"].default)
     parser.add_argument("--port", type=int, default=d["port"].default)
     parser.add_argument(
@@ -270,9 +315,50 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         f"(pdserve launch passes the model's); without it every request goes to a prefill server "
         f"(default: ${TOKENIZER_ENV})",
     )
+    add_cache_aware_args(parser)
     parser.add_argument(
         "--pd-disaggregation", action="store_true", help="accepted for sglang-router compatibility (always on)"
     )
+
+
+def _checked(name: str, convert: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type for a cache-aware knob: a bad value is refused by the parser, naming the flag, so `pdserve
+    launch` refuses it before starting anything (it runs each daemon's parser first)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {convert.__name__}, got {text!r}") from None
+        problem = cache_aware_problem(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
+
+
+def add_cache_aware_args(parser: argparse.ArgumentParser) -> None:
+    helps = {
+        "cache_threshold": (float, "follow a prompt's prefix to the prefill that last received it when more than "
+                            "this share of its characters matched"),
+        "balance_abs_threshold": (int, "...unless the prefills' in-flight requests differ by more than this"),
+        "balance_rel_threshold": (float, "...and the busiest has more than this many times the idlest's: then the "
+                                  "least loaded prefill"),
+        "max_tree_chars": (int, "characters of routed prompts remembered per prefill (least recently used forgotten)"),
+    }  # fmt: skip
+    defaults = RouterConfig.__dataclass_fields__
+    g = parser.add_argument_group("--policy cache_aware")
+    for name, (convert, text) in helps.items():
+        flag, env = CACHE_AWARE_FLAGS[name]
+        g.add_argument(
+            flag,
+            type=_checked(name, convert),
+            # a string default goes through `type` too: a bad environment value is an error naming the flag
+            default=os.environ.get(env) or str(defaults[name].default),
+            metavar="N",
+            help=f"{text} (default: ${env}, else %(default)s)",
+        )
 
 
 def router_config(args: argparse.Namespace) -> RouterConfig:
@@ -293,6 +379,10 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
         max_body_bytes=args.max_body_bytes,
         local_prefill_max_tokens=args.local_prefill_max_tokens,
         tokenizer=args.tokenizer,
+        cache_threshold=args.cache_threshold,
+        balance_abs_threshold=args.balance_abs_threshold,
+        balance_rel_threshold=args.balance_rel_threshold,
+        max_tree_chars=args.max_tree_chars,
         host=args.host,
         port=args.port,
     )

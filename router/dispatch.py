@@ -12,6 +12,10 @@ each server and what it said. D's answer is the client's: a body, or an SSE stre
 
 A server whose connection was refused or broke is also marked down for every request (`Upstreams.mark_down`).
 
+Each prefill leg is counted in flight at its server from the attempt's start until P's answer is read or the leg is
+closed (`Upstreams.prefill_started`/`prefill_ended`): the cache-aware policy's measure of a prefill's load. Its
+routing text (`router.cache_aware.routing_key`) is worked out once per request, only for a policy that uses it.
+
 A request the router decided to prefill locally (`Exchange.pd_path`, `router.local_prefill`) has attempts with a
 decode leg only: its body carries rids and no bootstrap fields, its retries pick another decode server, its aborts name
 the rid alone (there is no room) and go to that decode server only.
@@ -28,7 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contracts.metrics import PrefillPath
+from contracts.pd import DIALECT_OF_PATH
 from router import telemetry
+from router.cache_aware import routing_key
 from router.config import PrefillServer, RouterConfig
 from router.errors import UpstreamFailure
 from router.pd_body import assign_rids, draw_rooms, local_body, pd_body
@@ -81,6 +87,7 @@ class _Leg:
     resp: WireResponse | None = None
     body: bytes = b""  # P's 4xx/5xx answer, read in full: it may be the client's, or name why P failed
     reaper: asyncio.Task[None] | None = None  # drains an answer the router ignores
+    counted: bool = False  # counted in flight at its server (prefill legs), until `Dispatcher._settled`
 
 
 @dataclass
@@ -148,6 +155,12 @@ class Dispatcher:
 
     # ---- aborts and leg cleanup ------------------------------------------------------------------------
 
+    def _settled(self, leg: _Leg) -> None:
+        """The leg's server is done with it (answered, failed or abandoned): no longer in flight there. Idempotent."""
+        if leg.counted:
+            leg.counted = False
+            self.up.prefill_ended(leg.url)
+
     async def _close_leg(self, leg: _Leg) -> None:
         for t in (leg.reaper, leg.task):
             if t is None:
@@ -158,6 +171,7 @@ class Dispatcher:
                 await t  # also retrieves a failure nobody looked at, which asyncio would log as unhandled
         if leg.resp is not None:
             leg.resp.close()
+        self._settled(leg)
 
     def abort_legs(self, att: Attempt | None, legs: tuple[str, ...] = BOTH_LEGS) -> None:
         """Fire-and-forget: stop our side of the named legs and tell those servers to drop this attempt's prompts.
@@ -182,7 +196,9 @@ class Dispatcher:
         rooms = draw_rooms(ex.n or 1)
         body = pd_body(ex.body, ex.n, prefill, rids, rooms)
         rooms_of: list[int | None] = list(rooms)
-        return Attempt(prefill, decode, rids, rooms_of, body, _Leg("prefill", prefill.url), _Leg("decode", decode))
+        p_leg = _Leg("prefill", prefill.url, counted=True)
+        self.up.prefill_started(prefill.url)
+        return Attempt(prefill, decode, rids, rooms_of, body, p_leg, _Leg("decode", decode))
 
     async def _open(self, leg: _Leg, ex: Exchange, att: Attempt) -> WireResponse:
         leg.resp = await self.up.pool(leg.url).post(ex.path, att.body, ex.headers)
@@ -219,6 +235,7 @@ class Dispatcher:
         finally:
             if leg.resp is not None:
                 leg.resp.close()
+            self._settled(leg)
 
     def _failed(self, leg: _Leg, exc: BaseException) -> _LegFailed:
         """The attempt-ending failure for an exception of a leg's task; anything but UpstreamError is re-raised."""
@@ -245,6 +262,7 @@ class Dispatcher:
             att.p.reaper = self.up.spawn(self._drain(att.p))
             return None
         resp.close()
+        self._settled(att.p)  # P answered (4xx or 5xx): nothing more runs there
         if resp.status < 500:
             return Outcome(resp.status, _pass_headers(resp), "prefill", body=att.p.body)
         said = f"answered {resp.status}: {_error_message(att.p.body)}"
@@ -305,12 +323,13 @@ class Dispatcher:
         errors: list[_LegFailed] = []
         attempts = self.cfg.max_retries + 1
         local = ex.pd_path is PrefillPath.LOCAL
+        key = routing_key(ex.body, DIALECT_OF_PATH[ex.path]) if self.up.policy.needs_key and not local else None
         for i in range(attempts):
             prefill: PrefillServer | None
             if local:
                 prefill, decode = None, await self.up.pick_decode(failed)
             else:
-                prefill, decode = await self.up.pick(failed)
+                prefill, decode = await self.up.pick(failed, key)
             if i:
                 telemetry.count_retry()
                 if (prefill is not None and prefill.url in failed) or decode in failed:

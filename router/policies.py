@@ -1,9 +1,10 @@
 """How the router picks a prefill and a decode server for a request.
 
-A policy is pure: it gets the candidate URLs (already filtered to healthy, untried servers, in configured order)
-and, for least-load, a mapping of known loads, and returns one URL. Prefill and decode are chosen independently
-(each role keeps its own state). The only I/O lives in `LoadTracker`, which is handed a fetch function so it can
-be tested without HTTP.
+A policy is pure: it gets the candidate URLs (already filtered to healthy, untried servers, in configured order),
+for least-load a mapping of known loads, and for cache-aware the request's routing text (`key`), and returns one URL.
+Prefill and decode are chosen independently (each role keeps its own state). The only I/O lives in `LoadTracker`,
+which is handed a fetch function so it can be tested without HTTP. The cache-aware policy lives in
+`router.cache_aware` (with its prefix tree, `router.prefix_tree`).
 """
 
 from __future__ import annotations
@@ -12,18 +13,28 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from router.config import RouterConfig
 
 Role = Literal["prefill", "decode"]
 
 
 class Policy:
-    """Base class: `choose(role, candidates, loads)` returns one of `candidates` (which is never empty)."""
+    """Base class: `choose(role, candidates, loads, key)` returns one of `candidates` (which is never empty). `key` is
+    the request's routing text (`router.cache_aware.routing_key`), given only to a policy that `needs_key`; a policy
+    that sets `inflight_prefill` gets, as the prefill `loads`, the router's own count of requests each prefill has
+    not answered yet instead of the polled ones."""
 
     name = ""
     needs_loads = False
+    needs_key = False
+    inflight_prefill = False
 
-    def choose(self, role: Role, candidates: Sequence[str], loads: Mapping[str, float] | None = None) -> str:
+    def choose(
+        self, role: Role, candidates: Sequence[str], loads: Mapping[str, float] | None = None, key: str | None = None
+    ) -> str:
         raise NotImplementedError
 
 
@@ -36,7 +47,9 @@ class RoundRobinPolicy(Policy):
     def __init__(self) -> None:
         self._next: dict[str, int] = {"prefill": 0, "decode": 0}
 
-    def choose(self, role: Role, candidates: Sequence[str], loads: Mapping[str, float] | None = None) -> str:
+    def choose(
+        self, role: Role, candidates: Sequence[str], loads: Mapping[str, float] | None = None, key: str | None = None
+    ) -> str:
         if not candidates:
             raise ValueError(f"no {role} candidates")
         i = self._next[role]
@@ -52,7 +65,9 @@ class RandomPolicy(Policy):
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def choose(self, role: Role, candidates: Sequence[str], loads: Mapping[str, float] | None = None) -> str:
+    def choose(
+        self, role: Role, candidates: Sequence[str], loads: Mapping[str, float] | None = None, key: str | None = None
+    ) -> str:
         if not candidates:
             raise ValueError(f"no {role} candidates")
         return candidates[self._rng.randrange(len(candidates))]
@@ -69,7 +84,9 @@ class LeastLoadPolicy(Policy):
     def __init__(self) -> None:
         self._rr = RoundRobinPolicy()
 
-    def choose(self, role: Role, candidates: Sequence[str], loads: Mapping[str, float] | None = None) -> str:
+    def choose(
+        self, role: Role, candidates: Sequence[str], loads: Mapping[str, float] | None = None, key: str | None = None
+    ) -> str:
         if not candidates:
             raise ValueError(f"no {role} candidates")
         known = [(loads[c], c) for c in candidates if loads is not None and c in loads]
@@ -80,13 +97,18 @@ class LeastLoadPolicy(Policy):
         return self._rr.choose(role, tied) if len(tied) > 1 else tied[0]
 
 
-def make_policy(name: str, rng: random.Random | None = None) -> Policy:
+def make_policy(name: str, rng: random.Random | None = None, cfg: RouterConfig | None = None) -> Policy:
+    """The policy called `name`; `cfg` gives the cache-aware policy its knobs (their defaults without it)."""
     if name == "round_robin":
         return RoundRobinPolicy()
     if name == "random":
         return RandomPolicy(rng)
     if name == "least_load":
         return LeastLoadPolicy()
+    if name == "cache_aware":
+        from router.cache_aware import CacheAwarePolicy  # it builds on this module's classes
+
+        return CacheAwarePolicy() if cfg is None else CacheAwarePolicy.from_config(cfg)
     raise ValueError(f"unknown policy {name!r}")
 
 

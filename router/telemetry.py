@@ -4,14 +4,15 @@ bucket list and label value); the router records them with role="router".
 Recorded: TTFT (request arrival → first content-carrying chunk of D's stream; streams only), e2e latency (requests
 answered in full with a 2xx), pdserve_requests_total{status} once per request, retries, and the number of requests
 in flight (pdserve_running_requests), each server's health as the router sees it (pdserve_router_upstream_healthy), and
-where each dispatched request was prefilled (pdserve_pd_decision_total{path}: remote or local, once per request).
+where each dispatched request was prefilled (pdserve_pd_decision_total{path}: remote or local, once per request), and
+how the cache-aware policy chose each prefill (pdserve_router_cache_aware_total{decision}, once per prefill pick).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from contracts.metrics import PrefillPath, Role, get_metrics, status_label
+from contracts.metrics import CacheRoute, PrefillPath, Role, get_metrics, status_label
 from contracts.metrics import render as _render
 
 ROLE = Role.ROUTER.value  # the label value (str() of the enum member would be "Role.ROUTER")
@@ -62,6 +63,18 @@ def count_decision(path: PrefillPath) -> None:
     hit = _decisions.get(path)
     if hit is None or hit[0] is not metric:
         hit = _decisions[path] = (metric, metric.labels(path=path.value))
+    hit[1].inc()
+
+
+_cache_routes: dict[CacheRoute, tuple[Any, Any]] = {}
+
+
+def count_cache_route(decision: CacheRoute) -> None:
+    """Once per prefill the cache-aware policy picks (a retry picks again): by prefix, by load, or to rebalance."""
+    metric = get_metrics().router_cache_aware
+    hit = _cache_routes.get(decision)
+    if hit is None or hit[0] is not metric:
+        hit = _cache_routes[decision] = (metric, metric.labels(decision=decision.value))
     hit[1].inc()
 
 

@@ -51,7 +51,7 @@ class Upstreams:
 
     def __init__(self, cfg: RouterConfig) -> None:
         self.cfg = cfg
-        self.policy = make_policy(cfg.policy)
+        self.policy = make_policy(cfg.policy, cfg=cfg)
         self.prefill_urls = [p.url for p in cfg.prefill]
         self.all_urls = self.prefill_urls + cfg.decode
         self._prefill_by_url = {p.url: p for p in cfg.prefill}
@@ -62,6 +62,8 @@ class Upstreams:
         self._clients: dict[str, httpx.AsyncClient] = {}  # control calls
         self._pools: dict[str, Pool] = {}  # the generate legs (router.wire)
         self.loads = LoadTracker(self.fetch_load, ttl_s=1.0)
+        # requests sent to each prefill and not answered yet (router.dispatch keeps it): the cache-aware policy's load
+        self._prefill_inflight: dict[str, int] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
@@ -179,10 +181,25 @@ class Upstreams:
         healthy = [u for u in urls if self._healthy.get(u, True)] or urls
         return [u for u in healthy if u not in failed] or healthy
 
-    async def pick(self, failed: set[str]) -> tuple[PrefillServer, str]:
-        """A (prefill, decode) pair by the policy, avoiding unhealthy servers and those in `failed`."""
+    def prefill_started(self, url: str) -> None:
+        """A request was sent to prefill `url`; `prefill_ended` once, when its answer is in or abandoned."""
+        self._prefill_inflight[url] = self._prefill_inflight.get(url, 0) + 1
+
+    def prefill_ended(self, url: str) -> None:
+        self._prefill_inflight[url] = max(0, self._prefill_inflight.get(url, 0) - 1)
+
+    def prefill_inflight(self, url: str) -> int:
+        return self._prefill_inflight.get(url, 0)
+
+    async def pick(self, failed: set[str], key: str | None = None) -> tuple[PrefillServer, str]:
+        """A (prefill, decode) pair by the policy, avoiding unhealthy servers and those in `failed`. `key`: the
+        request's routing text, for a policy that routes by it."""
         loads = await self.loads.loads(self.all_urls) if self.policy.needs_loads else None
-        p_url = self.policy.choose("prefill", self._candidates(self.prefill_urls, failed), loads)
+        p_candidates = self._candidates(self.prefill_urls, failed)
+        p_loads = loads
+        if self.policy.inflight_prefill:
+            p_loads = {u: float(self.prefill_inflight(u)) for u in p_candidates}
+        p_url = self.policy.choose("prefill", p_candidates, p_loads, key)
         d_url = self.policy.choose("decode", self._candidates(self.cfg.decode, failed), loads)
         if self.policy.needs_loads:
             self.loads.note_dispatch(p_url)

@@ -52,7 +52,7 @@ def test_least_load_policy() -> None:
         p.choose("decode", [], {})
     assert isinstance(make_policy("least_load"), LeastLoadPolicy) and make_policy("least_load").needs_loads
     with pytest.raises(ValueError):
-        make_policy("cache_aware")
+        make_policy("no_such_policy")
 
 
 def test_parse_load() -> None:
@@ -114,7 +114,7 @@ def test_config_normalizes_and_validates() -> None:
         ({"prefill": [("http://p:1", "x")]}, "integer or none"),
         ({"prefill": ["http://p:1", "http://p:1/"]}, "more than once"),
         ({"decode": ["http://p:1"]}, "both prefill and decode"),
-        ({"policy": "cache_aware"}, "policy must be one of"),
+        ({"policy": "no_such_policy"}, "policy must be one of"),
         ({"api_key": ""}, "api_key"),
         ({"request_timeout_s": 0}, "request_timeout_s"),
         ({"max_retries": -1}, "max_retries"),
