@@ -104,20 +104,29 @@ class Stack:
         decode_extra: list[str] | None = None,
         router_extra: list[str] | None = None,
         model: str = MODEL,
+        prefills: int = 1,
     ) -> None:
         self.backend = backend
         self.log_dir = Path(tempfile.mkdtemp(prefix=f"pdserve-e2e-{backend}-"))
-        self.prefill_port, self.decode_port, self.bootstrap_port = free_port(), free_port(), free_port()
-        self.router_port = free_port()
+        # prefill i (0-based) is the process "prefill" (i = 0) or "prefill-{i + 1}", at prefill_ports[i]
+        self.prefill_ports = [free_port() for _ in range(prefills)]
+        self.bootstrap_ports = [free_port() for _ in range(prefills)]
+        self.prefill_port, self.bootstrap_port = self.prefill_ports[0], self.bootstrap_ports[0]
+        self.decode_port, self.router_port = free_port(), free_port()
         pd = [sys.executable, "-m", "pdserve", "--log-level", "warning"]
         common = ["--model", model, "--transfer-backend", backend, "--kv-cache-gb", "0.05", *(extra or [])]
         self.procs = [
-            Proc("prefill", [*pd, "prefill", *common, "--port", str(self.prefill_port),
-                             "--bootstrap-port", str(self.bootstrap_port), *(prefill_extra or [])], self.log_dir),
+            Proc("prefill" if i == 0 else f"prefill-{i + 1}",
+                 [*pd, "prefill", *common, "--port", str(port), "--bootstrap-port", str(bport),
+                  *(prefill_extra or [])], self.log_dir)
+            for i, (port, bport) in enumerate(zip(self.prefill_ports, self.bootstrap_ports, strict=True))
+        ]  # fmt: skip
+        prefill_args = [a for url, bport in zip(self.prefill_urls, self.bootstrap_ports, strict=True)
+                        for a in ("--prefill", url, str(bport))]  # fmt: skip
+        self.procs += [
             Proc("decode", [*pd, "decode", *common, "--port", str(self.decode_port), *(decode_extra or [])],
                  self.log_dir),
-            Proc("router", [*pd, "router", "--port", str(self.router_port),
-                            "--prefill", self.prefill_url, str(self.bootstrap_port),
+            Proc("router", [*pd, "router", "--port", str(self.router_port), *prefill_args,
                             "--decode", self.decode_url, *(router_extra or [])], self.log_dir),
         ]  # fmt: skip
         try:
@@ -129,6 +138,10 @@ class Stack:
     @property
     def prefill_url(self) -> str:
         return f"http://127.0.0.1:{self.prefill_port}"
+
+    @property
+    def prefill_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for port in self.prefill_ports]
 
     @property
     def decode_url(self) -> str:
