@@ -108,6 +108,8 @@ STAGES = tuple(m.value for m in Stage)
 FAILURE_REASONS = tuple(m.value for m in FailureReason)
 REQUEST_STATUSES = tuple(m.value for m in RequestStatus)
 BATCH_MODES = tuple(m.value for m in BatchMode)
+
+
 class CacheRoute(str, enum.Enum):
     """The `decision` label of pdserve_router_cache_aware_total: how the cache-aware policy chose a prefill."""
 
@@ -121,34 +123,9 @@ CACHE_ROUTES = tuple(m.value for m in CacheRoute)
 
 # SLO-friendly latency buckets: dense between 0.1 s and 2 s, where TTFT/ITL SLOs usually sit, and
 # reaching 640 s so that long generations still land in a finite bucket.
-LATENCY_BUCKETS: tuple[float, ...] = (
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.6,
-    0.75,
-    1.0,
-    1.25,
-    1.5,
-    1.75,
-    2.0,
-    2.5,
-    5.0,
-    10.0,
-    20.0,
-    40.0,
-    80.0,
-    160.0,
-    320.0,
-    640.0,
-)
+LATENCY_BUCKETS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0,
+                                      1.25, 1.5, 1.75, 2.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0,
+                                      640.0)  # fmt: skip
 # Inter-token latency on a GPU and small KV transfers over RDMA are often a few milliseconds; without
 # these extra low buckets they would all collapse into the first one.
 FAST_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, *LATENCY_BUCKETS)

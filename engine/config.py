@@ -215,6 +215,9 @@ class EngineConfig:
     # Prefill tokens carried by one MIXED forward beside the running decodes (bounds the decode step's latency);
     # 0: no MIXED batches, prefills run alone and pause decoding
     mixed_chunk_size: int = 512
+    # Most prompt tokens one prefill forward computes: longer prompts run as several chunks, each on the KV of the
+    # ones before (bounds activation memory and how long other prompts wait); 0: every prompt in one forward
+    chunked_prefill_size: int = 2048
 
     def validate(self) -> None:
         if self.page_size < 1:
@@ -245,3 +248,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.mixed_chunk_size < 0:
             raise ValueError(f"mixed_chunk_size must be >= 0 (0 turns MIXED batches off), got {self.mixed_chunk_size}")
+        c = self.chunked_prefill_size
+        if c < 0 or c % self.page_size:
+            raise ValueError(
+                f"chunked_prefill_size must be 0 (off) or a positive multiple of page_size {self.page_size}, "
+                f"got {c}: each chunk must start on a page boundary"
+            )

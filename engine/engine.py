@@ -129,6 +129,7 @@ class Engine:
             cfg.max_prefill_tokens,
             mixed_chunk_size=cfg.mixed_chunk_size,
             headroom=headroom,
+            chunked_prefill_size=cfg.chunked_prefill_size,
         )
         self.sampler = Sampler()
         self.context_length = min(

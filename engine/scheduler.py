@@ -17,7 +17,8 @@ seeded outputs are the same as without the retraction.
 **Batches.** With prefilling requests and running requests both present and `mixed_chunk_size` > 0, one MIXED
 forward carries every running request's decode plus up to `mixed_chunk_size` prefill tokens (the last request
 taken may get a partial chunk; a chunk that does not reach the end of its request samples nothing). Otherwise
-prefills go first (an EXTEND batch of whole requests within `max_prefill_tokens`), and decodes run alone.
+prefills go first, and decodes run alone: an EXTEND batch of at most `chunked_prefill_size` tokens (chunked the same
+way), or, with chunking off, of whole requests within `max_prefill_tokens`.
 """
 
 from __future__ import annotations
@@ -63,12 +64,14 @@ class Scheduler:
         max_prefill_tokens: int,
         mixed_chunk_size: int = 0,
         headroom: HeadroomEstimator | None = None,
+        chunked_prefill_size: int = 0,
     ) -> None:
         self.allocator = allocator
         self.page_size = page_size
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.mixed_chunk_size = mixed_chunk_size
+        self.chunked_prefill_size = chunked_prefill_size
         self.headroom = headroom or HeadroomEstimator()
         self.waiting: deque[Request] = deque()  # by arrival: retracted requests rejoin at their place
         self.prefilling: list[Request] = []
@@ -164,6 +167,9 @@ class Scheduler:
         return None
 
     def _extend(self) -> ScheduledBatch:
+        if self.chunked_prefill_size > 0:  # at most that many tokens: the last request taken may get a chunk
+            batch = self._chunks([], [], [], self.chunked_prefill_size)
+            return ScheduledBatch(batch.requests, batch.chunk_lens, batch.samples, ForwardMode.EXTEND)
         reqs: list[Request] = []
         tokens = 0
         for req in self.prefilling:
@@ -176,8 +182,10 @@ class Scheduler:
         return ScheduledBatch(reqs, lens, [True] * len(reqs), ForwardMode.EXTEND)
 
     def _mixed(self, decoding: list[Request]) -> ScheduledBatch:
-        reqs, lens, samples = list(decoding), [1] * len(decoding), [True] * len(decoding)
-        budget = self.mixed_chunk_size
+        return self._chunks(list(decoding), [1] * len(decoding), [True] * len(decoding), self.mixed_chunk_size)
+
+    def _chunks(self, reqs: list[Request], lens: list[int], samples: list[bool], budget: int) -> ScheduledBatch:
+        """Add prefill chunks to the rows given, in order, within `budget` tokens."""
         for req in self.prefilling:
             if budget <= 0:
                 break

@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from contracts.http import DEFAULT_MAX_BODY_BYTES
 from contracts.pd import DEFAULT_BOOTSTRAP_PORT
 from engine.config import EngineConfig
 from pdserve.forwarded import ROLES, FlagError, known_flags, split_forwarded
+from pdserve.prefill_args import add_prefill_args, env, opt_float, pipeline_settings
 from transfer.config import BACKENDS, Timeouts, TransferConfig
 from transfer.planner import PipelineSettings
 
@@ -73,6 +73,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="prefill tokens one MIXED batch carries beside the running decodes; 0: prefills pause decoding "
         "(PDSERVE_MIXED_CHUNK_SIZE)",
     )
+    g.add_argument(
+        "--chunked-prefill-size",
+        type=int,
+        default=int(env("CHUNKED_PREFILL_SIZE", str(d.chunked_prefill_size))),
+        help="most prompt tokens one prefill forward computes: a longer prompt runs as several chunks, other "
+        "prompts between them; a multiple of --page-size, 0 runs every prompt whole (PDSERVE_CHUNKED_PREFILL_SIZE)",
+    )
     p.add_argument(
         "--tp-size",
         type=int,
@@ -108,6 +115,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         init_headroom_ratio=args.init_headroom_ratio,
         min_headroom_ratio=args.min_headroom_ratio,
         mixed_chunk_size=args.mixed_chunk_size,
+        chunked_prefill_size=args.chunked_prefill_size,
     )
 
 
@@ -198,11 +206,11 @@ def add_server_args(p: argparse.ArgumentParser, role: str, port: int) -> None:
     p.add_argument(
         "--emulated-link-gbps",
         type=float,
-        default=_opt_float(env("EMULATED_LINK_GBPS", "")),
+        default=opt_float(env("EMULATED_LINK_GBPS", "")),
         help="benchmarking aid: pace KV writes to this bandwidth (off by default)",
     )
     if role == "prefill":
-        add_pipeline_args(p)
+        add_prefill_args(p)
 
 
 def add_daemon_args(p: argparse.ArgumentParser, role: str, port: int = 0) -> None:
@@ -223,58 +231,6 @@ def add_body_limit_arg(p: argparse.ArgumentParser) -> None:
         default=int(env("MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES))),
         help="largest request body accepted, in bytes; larger ones get 413 (PDSERVE_MAX_BODY_BYTES)",
     )
-
-
-def add_pipeline_args(p: argparse.ArgumentParser) -> None:
-    d = PipelineSettings()
-    g = p.add_argument_group("layer-pipelined prefill (DESIGN §4)")
-    g.add_argument(
-        "--pipeline",
-        action=argparse.BooleanOptionalAction,
-        default=env("PIPELINE", "1").lower() not in ("0", "false", "no", "off"),
-        help="send each layer group's KV while the next group computes (PDSERVE_PIPELINE)",
-    )
-    g.add_argument(
-        "--pipeline-min-tokens",
-        type=int,
-        default=int(env("PIPELINE_MIN_TOKENS", str(d.min_tokens))),
-        help="average new tokens per request below which the whole forward runs",
-    )
-    g.add_argument("--pipeline-max-iters", type=int, default=int(env("PIPELINE_MAX_ITERS", str(d.max_iters))))
-    g.add_argument("--pipeline-min-iters", type=int, default=int(env("PIPELINE_MIN_ITERS", str(d.min_iters))))
-    g.add_argument(
-        "--pipeline-sat-multiplier", type=float, default=float(env("PIPELINE_SAT_MULTIPLIER", str(d.sat_multiplier)))
-    )
-    g.add_argument(
-        "--pipeline-group-size",
-        type=int,
-        default=_opt_int(env("PIPELINE_GROUP_SIZE", "")),
-        help="fixed layers per group (overrides the adaptive rule)",
-    )
-
-
-def pipeline_settings(args: argparse.Namespace) -> PipelineSettings:
-    return PipelineSettings(
-        enabled=args.pipeline,
-        min_tokens=args.pipeline_min_tokens,
-        max_iters=args.pipeline_max_iters,
-        min_iters=args.pipeline_min_iters,
-        sat_multiplier=args.pipeline_sat_multiplier,
-        group_size=args.pipeline_group_size,
-    )
-
-
-def _opt_int(value: str) -> int | None:
-    return int(value) if value else None
-
-
-def _opt_float(value: str) -> float | None:
-    return float(value) if value else None
-
-
-def env(name: str, default: str) -> str:
-    """Every server flag has a PDSERVE_<NAME> environment twin (Kubernetes manifests set those)."""
-    return os.environ.get(f"PDSERVE_{name}", default)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -348,6 +304,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name, bootstrap_port=args.bootstrap_port,
         request_timeout_s=args.request_timeout, log_level=args.log_level, pipeline=pipeline,
         max_body_bytes=args.max_body_bytes,
+        prefix_cache=not getattr(args, "disable_prefix_cache", False),
     )  # fmt: skip
     if args.role == "prefill":
         from prefill_server.server import run_prefill
@@ -410,7 +367,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
            "--dist-timeout", str(args.dist_timeout), "--admission-policy", args.admission_policy,
            "--init-headroom-ratio", str(args.init_headroom_ratio),
            "--min-headroom-ratio", str(args.min_headroom_ratio),
-           "--mixed-chunk-size", str(args.mixed_chunk_size)]  # fmt: skip
+           "--mixed-chunk-size", str(args.mixed_chunk_size),
+           "--chunked-prefill-size", str(args.chunked_prefill_size)]  # fmt: skip
     out += [flag for flag, on in (("--disable-cuda-graph", args.disable_cuda_graph),
                                   ("--skip-warmup", args.skip_warmup)) if on]  # fmt: skip
     for flag, value in (("--dtype", args.dtype), ("--kv-cache-gb", args.kv_cache_gb),

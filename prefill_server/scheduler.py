@@ -1,47 +1,42 @@
 """Prefill scheduler: bootstrap queue → prefill batches → KV sends → answer once the transfer ended.
 
-A request waits in `bootstrapping` until decode's transfer info arrived (its `KVSender` is ready), then in
-`waiting` for a batch (token budget, batch size, free pages). A batch runs in `forward.prefill_and_send`:
-layer group by layer group, each group's KV handed to the transfer worker as soon as its compute is
-recorded (DESIGN §4), or as one whole forward whose KV and aux row go out together when pipelining does
-not pay. Requests then sit in `inflight` until their transfer succeeded or failed; pages of a failed or
-aborted request go back only when no write can still read them (`reaper`). A batch whose forward raises
-fails every one of its jobs (500) and aborts their rooms; a row with non-finite logits fails its job alone.
-`jobs` indexes every live job, so each path that ends one (`_forget`) leaves nothing behind.
+A request waits in `bootstrapping` until decode's transfer info arrived (its `KVSender` is ready), then in the
+batcher (prefill_server/batcher.py) for its rows: its whole prompt in one forward, or chunk by chunk when it is
+longer than `--chunked-prefill-size`, other prompts' rows running between its chunks. Its pages are taken when
+its first row is formed, starting with the longest prefix the prefix cache holds (prefill_server/page_book.py);
+those cached pages are sent at once, before the forward, and each row's pages as soon as they are computed:
+layer group by layer group when pipelining pays (DESIGN §4), else after the forward (`forward.prefill_rows`).
+The last row samples the first token and carries the aux row. The request then sits in `inflight` until its
+transfer succeeded or failed; its pages go back (cached ones unlocked, its own freed) only when no write can
+still read them (`reaper`). A batch whose forward raises fails every one of its jobs (500) and aborts their rooms;
+a row with non-finite logits fails its job alone. `jobs` indexes every live job, so each path that ends one
+(`_forget`) leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
 
 from contracts.metrics import BatchMode, Role, Stage, get_metrics
 from engine.engine import Engine
-from engine.request import Request
-from engine.sampling import NON_FINITE_LOGITS, SamplingParams
-from prefill_server.forward import prefill_and_send
+from engine.sampling import NON_FINITE_LOGITS, SampleOutput, SamplingParams
+from prefill_server.batcher import PrefillBatcher, PrefillJob, Row
+from prefill_server.forward import PrefillRow, prefill_rows, send_cached_prefix
+from prefill_server.page_book import PageBook
 from serving.ipc import GenerateRequest, RequestOutput, SchedulerStats
 from serving.scheduler_loop import SchedulerLoop
 from transfer.bootstrap import BootstrapServer
 from transfer.config import TransferConfig
 from transfer.manager import DuplicateRoomError
 from transfer.planner import PipelineSettings
-from transfer.prefill import KVSender, PrefillTransferManager
+from transfer.prefill import PrefillTransferManager
 from transfer.protocol import TransferState
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Job:
-    req: Request
-    msg: GenerateRequest
-    sender: KVSender | None  # None: a local request (health_generate), nothing to send
-    since: float = field(default_factory=time.monotonic)
-    token: int = -1
-    logprob: float = 0.0
+_Job = PrefillJob
 
 
 class PrefillScheduler(SchedulerLoop):
@@ -56,9 +51,16 @@ class PrefillScheduler(SchedulerLoop):
         bootstrap_port: int,
         bootstrap_host: str = "0.0.0.0",
         pipeline: PipelineSettings | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         super().__init__(engine, ipc_in, ipc_out)
         self.pipeline = pipeline or PipelineSettings()
+        cfg = engine.cfg
+        self.book = PageBook(engine.pool.allocator, cfg.page_size, prefix_cache)
+        self.reaper.release_pages = self.book.release
+        self.batcher = PrefillBatcher(
+            self.book, cfg.page_size, cfg.max_batch_size, cfg.max_prefill_tokens, cfg.chunked_prefill_size
+        )
         self._bytes_counted = 0
         # Rank 0 runs the bootstrap server; every rank (rank 0 too) registers its own entry there, once the
         # server is up (the barrier), and the server answers decode only once all of them did.
@@ -70,12 +72,17 @@ class PrefillScheduler(SchedulerLoop):
         # leaves it exactly when it is answered (`_forget`), so it is empty whenever nothing is in flight.
         self.jobs: dict[str, _Job] = {}
         self.bootstrapping: dict[str, _Job] = {}
-        self.waiting: deque[_Job] = deque()
         self.inflight: dict[str, _Job] = {}
 
     def info(self) -> dict:
         port = self.bootstrap.port if self.bootstrap else None
-        return {**super().info(), "bootstrap_port": port, "transfer_backend": self.transfer.cfg.backend}
+        return {
+            **super().info(),
+            "bootstrap_port": port,
+            "transfer_backend": self.transfer.cfg.backend,
+            "chunked_prefill_size": self.batcher.chunk_size,
+            "prefix_cache": self.book.cache is not None,
+        }
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -100,7 +107,7 @@ class PrefillScheduler(SchedulerLoop):
         try:
             self.jobs[req.rid] = job
             if job.sender is None:
-                self.waiting.append(job)  # a local request (health_generate): nothing to wait for
+                self.batcher.waiting.append(job)  # a local request (health_generate): nothing to wait for
             else:
                 self.bootstrapping[req.rid] = job
         except Exception as e:  # whatever it was, the room must not outlive the request
@@ -118,8 +125,7 @@ class PrefillScheduler(SchedulerLoop):
         self.jobs.pop(rid, None)
         self.bootstrapping.pop(rid, None)
         self.inflight.pop(rid, None)
-        if job in self.waiting:  # O(len(waiting)), on aborts and failures only
-            self.waiting.remove(job)
+        self.batcher.remove(job)
 
     def _drop(self, job: _Job, error: str, status: int, room_reason: str | None = None) -> None:
         """End `job` without a result: answer `error`, abort its room, hold its pages until no write can read
@@ -140,8 +146,7 @@ class PrefillScheduler(SchedulerLoop):
         self._answer(job)
         if job.sender is not None:
             job.sender.release()  # after SUCCESS no write reads the pages any more
-        self.engine.pool.allocator.free(job.req.pages)
-        job.req.pages = []
+        self.book.release(job.req)
 
     def _internal_error(self, job: _Job, e: Exception) -> None:
         """A bug or an unexpected error while handling `job`: it alone fails, the loop goes on."""
@@ -159,9 +164,9 @@ class PrefillScheduler(SchedulerLoop):
         self.sync.refresh()  # every rank sees the same room states from here on (serving/rank_sync.py)
         worked = self._poll_bootstrap()
         self._poll_waiting()
-        batch = self._next_batch()
-        if batch:
-            self._forward(batch)
+        rows = self.batcher.next_rows()
+        if rows:
+            self._forward(rows)
             worked = True
         worked |= self._poll_inflight()
         self.reaper.reap()
@@ -189,70 +194,72 @@ class PrefillScheduler(SchedulerLoop):
         now = time.monotonic()
         self.metrics.request_stage.labels(self.role.value, Stage.BOOTSTRAP.value).observe(now - job.since)
         job.since = now
-        self.waiting.append(job)
+        self.batcher.waiting.append(job)
         return True
 
     def _poll_waiting(self) -> None:
-        """Answer at once the jobs whose room failed while they waited for a batch (decode aborted, or the
-        room's deadline passed): they would otherwise wait for pages, run, and only then be failed."""
-        for job in list(self.waiting):
+        """Answer at once the jobs whose room failed while they waited for a batch or between chunks (decode
+        aborted, or the room's deadline passed): they would otherwise run on, and only then be failed."""
+        for job in self.batcher.jobs():
             try:
                 if job.sender is not None and job.sender.poll() == TransferState.FAILED:
                     self._transfer_failed(job, Stage.WAIT_FOR_INPUT, "KV transfer failed")
             except Exception as e:
                 self._internal_error(job, e)
 
-    def _next_batch(self) -> list[_Job]:
-        cfg = self.engine.cfg
-        batch: list[_Job] = []
-        tokens = 0
-        alloc = self.engine.pool.allocator
-        while self.waiting and len(batch) < cfg.max_batch_size:
-            job = self.waiting[0]
-            n = len(job.req.prompt_ids)
-            if batch and tokens + n > cfg.max_prefill_tokens:
-                break
-            pages = alloc.allocate(self.engine.pool.pages_for(n))
-            if pages is None:
-                break
-            self.waiting.popleft()
-            job.req.pages = pages
-            batch.append(job)
-            tokens += n
-        return batch
-
-    def _forward(self, batch: list[_Job]) -> None:
-        reqs = [j.req for j in batch]
-        senders = [j.sender for j in batch]
-        rooms = [j.msg.bootstrap_room or 0 for j in batch]
+    def _forward(self, rows: list[Row]) -> None:
         t0 = time.monotonic()
-        for job in batch:
-            self.metrics.request_stage.labels(self.role.value, Stage.WAIT_FOR_INPUT.value).observe(t0 - job.since)
-            if job.msg.arrival_time:
-                self.metrics.queue_time.labels(self.role.value).observe(max(0.0, time.time() - job.msg.arrival_time))
+        for job, start, _ in rows:
+            if start == job.cached:  # its first row
+                self._count_start(job, t0)
+        room_rows = [PrefillRow(j.req, j.sender, j.msg.bootstrap_room or 0, start, n) for j, start, n in rows]
         try:
-            sample, groups = prefill_and_send(self.engine, reqs, senders, rooms, self.pipeline)
+            for (job, start, _), row in zip(rows, room_rows, strict=True):
+                if start == job.cached:
+                    send_cached_prefix(self.engine, row)
+            result = prefill_rows(self.engine, room_rows, self.pipeline)
         except Exception as e:
             if not self.sync.single:
                 raise  # the ranks cannot retry in lockstep: the loop stops this rank, and the server with it
             # Every job of the batch is answered, and its room aborted: a pipelined batch may already have
             # queued some layer groups, so the pages wait in the reaper until those writes drained.
-            log.exception("prefill: a batch of %d requests failed in the forward", len(batch))
-            for job in batch:
+            log.exception("prefill: a batch of %d rows failed in the forward", len(rows))
+            for job, _, _ in rows:
                 self._drop(job, f"internal error in the prefill forward: {type(e).__name__}: {e}", 500)
             return
         t1 = time.monotonic()
-        mode = BatchMode.PIPELINED if len(groups) > 1 else BatchMode.WHOLE
+        self.batcher.complete(rows)
+        mode = BatchMode.PIPELINED if len(result.groups) > 1 else BatchMode.WHOLE
         self.metrics.prefill_batches.labels(mode.value).inc()
-        rows = zip(batch, sample.tokens, sample.token_logprobs, sample.ok(), strict=True)
-        for job, token, logprob, ok in rows:
-            self.metrics.request_stage.labels(self.role.value, Stage.PREFILL_FORWARD.value).observe(t1 - t0)
-            job.since = t1
+        chunks = sum(1 for job, start, n in rows if not (start == job.cached and start + n == len(job.req.prompt_ids)))
+        if chunks:
+            self.metrics.prefill_chunks.labels(self.role.value).inc(chunks)
+        if result.sample is not None:
+            self._sampled([rows[i][0] for i in result.sampled], result.sample, t1 - t0)
+
+    def _sampled(self, jobs: list[_Job], sample: SampleOutput, forward_s: float) -> None:
+        """`jobs`' last rows ran and sampled their first tokens (one row of `sample` each)."""
+        now = time.monotonic()
+        for job, token, logprob, ok in zip(jobs, sample.tokens, sample.token_logprobs, sample.ok(), strict=True):
+            self.metrics.request_stage.labels(self.role.value, Stage.PREFILL_FORWARD.value).observe(forward_s)
+            job.since = now
             job.token, job.logprob = token, logprob
             try:
+                if ok:
+                    self.book.publish(job.req)  # its KV is complete and finite: later prompts may reuse it
                 self._after_forward(job, ok)
             except Exception as e:
                 self._internal_error(job, e)
+
+    def _count_start(self, job: _Job, now: float) -> None:
+        """`job`'s prefill starts: its wait, and its prompt tokens with those the prefix cache gave it."""
+        role = self.role.value
+        self.metrics.request_stage.labels(role, Stage.WAIT_FOR_INPUT.value).observe(now - job.since)
+        if job.msg.arrival_time:
+            self.metrics.queue_time.labels(role).observe(max(0.0, time.time() - job.msg.arrival_time))
+        self.metrics.prompt_tokens.labels(self.role.value).inc(len(job.req.prompt_ids))
+        if job.cached:
+            self.metrics.cached_prompt_tokens.labels(self.role.value).inc(job.cached)
 
     def _after_forward(self, job: _Job, ok: bool) -> None:
         if not ok:  # this row's logits were NaN/inf: prefill_and_send sent no aux row, so no Success
@@ -318,12 +325,19 @@ class PrefillScheduler(SchedulerLoop):
             self._bytes_counted = sent
         return worked
 
+    def close(self) -> None:
+        if self.book.cache is not None:  # the pool may outlive this loop (tests build several on one engine)
+            self.book.cache.clear()
+        super().close()
+
     def stats(self) -> SchedulerStats:
         pool = self.engine.pool
+        self.metrics.prefix_cache_pages.labels(self.role.value).set(self.book.cache_pages)
         return SchedulerStats(
-            running=len(self.inflight),
-            queued=len(self.bootstrapping) + len(self.waiting),
-            kv_pages_used=pool.num_pages - pool.allocator.num_free,
+            running=len(self.inflight) + len(self.batcher.prefilling),
+            queued=len(self.bootstrapping) + len(self.batcher.waiting),
+            kv_pages_used=self.book.pages_in_use,  # cached pages nobody holds are free to take
             kv_pages_total=pool.num_pages,
             in_flight_transfers=len(self.inflight),
+            prefix_cache_pages=self.book.cache_pages,
         )

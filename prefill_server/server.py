@@ -21,7 +21,13 @@ def make_scheduler(engine: Engine, settings: ServerSettings, ipc_in: str, ipc_ou
     from prefill_server.scheduler import PrefillScheduler
 
     return PrefillScheduler(
-        engine, settings.transfer, ipc_in, ipc_out, settings.bootstrap_port, pipeline=settings.pipeline
+        engine,
+        settings.transfer,
+        ipc_in,
+        ipc_out,
+        settings.bootstrap_port,
+        pipeline=settings.pipeline,
+        prefix_cache=settings.prefix_cache,
     )
 
 

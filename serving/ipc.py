@@ -87,6 +87,7 @@ class SchedulerStats(IpcMessage):
     kv_pages_used: int
     kv_pages_total: int
     in_flight_transfers: int = 0
+    prefix_cache_pages: int = 0  # pages the prefill server's prefix cache holds (reusable ones are not "used")
 
 
 @dataclass

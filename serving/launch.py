@@ -60,6 +60,7 @@ class ServerSettings:
     log_level: str = "warning"
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 before they are buffered
+    prefix_cache: bool = True  # prefill: reuse the KV of prompt prefixes computed before
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -10,6 +10,7 @@ a failed transfer, holds its pages and frees them, for the prefill and the decod
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from contracts.metrics import FailureReason, Metrics, Role, Stage, count_failure
@@ -38,8 +39,17 @@ class TransferHandle(Protocol):
 class PageReaper:
     """The zombies of one scheduler: failed or aborted requests whose pages are not yet safe to free."""
 
-    def __init__(self, allocator: PageAllocator, metrics: Metrics, role: Role) -> None:
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        metrics: Metrics,
+        role: Role,
+        release_pages: Callable[[Request], None] | None = None,
+    ) -> None:
         self._allocator = allocator
+        # How a safe request's pages go back: to the allocator, unless the scheduler shares pages (the prefill
+        # server's prefix cache: a request's cached pages are unlocked, its own freed).
+        self.release_pages = release_pages or self._free
         self._metrics = metrics
         self._role = role
         self._held: list[tuple[Request, TransferHandle | None]] = []
@@ -80,10 +90,13 @@ class PageReaper:
             self._held.remove(entry)  # first: a failure below must not free these pages twice
             if handle is not None:
                 self._release(req, handle)
-            if req.pages:
-                self._allocator.free(req.pages)
-                req.pages = []
+            self.release_pages(req)
             req.finish_reason = FinishReason.ABORT
+
+    def _free(self, req: Request) -> None:
+        if req.pages:
+            self._allocator.free(req.pages)
+            req.pages = []
 
     def _release(self, req: Request, handle: TransferHandle) -> None:
         try:

@@ -117,19 +117,22 @@ class PD:
         while time.monotonic() < deadline and not self._idle():
             self.step()  # the reapers give pages back once the transfer layer says no write can land
             time.sleep(0.01)
-        assert not p.jobs and not p.bootstrapping and not p.waiting and not p.inflight, p.jobs
+        assert not p.jobs and not p.bootstrapping and not len(p.batcher) and not p.inflight, p.jobs
+        assert len(p.book) == 0 and p.book.pages_in_use == 0  # no request holds a page; cached ones are unlocked
         assert not d.admitting and not d.receiving and not d.logprobs, d.logprobs
         for sched in (p, d):
             eng = sched.engine
             assert not sched._sent and len(sched.reaper) == 0 and sched.reaper.quarantined == 0
             assert not eng._requests and not eng._detok
             assert not eng.scheduler.running and not eng.scheduler.waiting
-            assert eng.pool.allocator.num_free == eng.pool.num_pages
+            assert eng.pool.allocator.num_free + _cached_pages(sched) == eng.pool.num_pages
             assert not sched.transfer._rooms, sched.transfer._rooms
 
     def _idle(self) -> bool:
         return all(
-            not len(s.reaper) and not s.transfer._rooms and s.engine.pool.allocator.num_free == s.engine.pool.num_pages
+            not len(s.reaper)
+            and not s.transfer._rooms
+            and s.engine.pool.allocator.num_free + _cached_pages(s) == s.engine.pool.num_pages
             for s in (self.p, self.d)
         )
 
@@ -160,6 +163,12 @@ class PoisonRows:
             logits = logits.clone()
             logits[rows, 5] = self.value
         return self.sampler(logits, params, generators)
+
+
+def _cached_pages(sched: Any) -> int:
+    """Pages the prefill server's prefix cache keeps for reuse (none on decode)."""
+    book = getattr(sched, "book", None)
+    return book.cache_pages if book is not None else 0
 
 
 @pytest.fixture(scope="module")

@@ -188,12 +188,13 @@ def _aborts_in_every_state(pd: PD, prefill: Engine, decode: Engine) -> None:
     _step_until(pd, lambda: "a-recv" in d.receiving and "a-boot" in p.bootstrapping)
     # prefill waiting for pages (decode receiving), then decode admitting for pages (prefill bootstrapping)
     hogs = []
+    p.book.cache.clear()  # cached pages would be evicted to make room: the hog must hold every page
     for eng, rid in ((prefill, "a-wait-p"), (decode, "a-wait-d")):
         alloc = eng.pool.allocator
         hogs.append((alloc, alloc.allocate(alloc.num_free)))
         pd.submit(pd.request(rid, PROMPTS[1]))
         if rid == "a-wait-p":
-            _step_until(pd, lambda: any(j.req.rid == "a-wait-p" for j in p.waiting) and "a-wait-p" in d.receiving)
+            _step_until(pd, lambda: "a-wait-p" in [j.req.rid for j in p.batcher.waiting] and "a-wait-p" in d.receiving)
     _step_until(pd, lambda: [x.req.rid for x in d.admitting] == ["a-wait-d"] and "a-wait-d" in p.bootstrapping)
     for rid in ("a-boot", "a-recv", "a-wait-p", "a-wait-d"):
         p.on_abort(rid)

@@ -69,13 +69,23 @@ class KVSender(RoomHandle):
         """Decode's transfer info arrived: the forward may run."""
         return self.poll() >= TransferState.WAITING_FOR_INPUT
 
-    def send(self, start: int, end: int, src_pages: list[int], event: DeviceEvent, last: bool = False) -> None:
+    def send(
+        self,
+        start: int,
+        end: int,
+        src_pages: list[int],
+        event: DeviceEvent,
+        last: bool = False,
+        first_page: int = 0,
+    ) -> None:
         """Queue layers [start, end) of `src_pages`; the worker waits for `event` before reading them.
 
+        `first_page`: where `src_pages` start in the request's page table (a later chunk of a chunked prefill,
+        or the cached prefix sent ahead of the forward); they land in decode's pages from that index on.
         `last` makes this the room's final write, carrying the aux row `write_aux` wrote before `event` was
         recorded; `Success` follows once every write of the room completed.
         """
-        self.manager._enqueue(Chunk(self.room, start, end, list(src_pages), event, last))
+        self.manager._enqueue(Chunk(self.room, start, end, list(src_pages), event, last, first_page))
 
     def write_aux(self, aux: AuxRow) -> bool:
         """Write the room's aux row now, on the calling thread (on CUDA: non-blocking, on the current stream).

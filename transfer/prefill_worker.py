@@ -56,7 +56,8 @@ class Chunk:
     """Layers [start, end) of a room's pages, readable once `event` completed.
 
     `last` marks the room's final chunk: its aux row (written by the scheduler before `event` was recorded,
-    `KVSender.write_aux`) rides along."""
+    `KVSender.write_aux`) rides along. `first_page` is the index of `src_pages[0]` in the request's page table
+    (a chunk of a chunked prefill, or the cached prefix alone): it lands in decode's pages from that index on."""
 
     room: int
     start: int
@@ -64,6 +65,7 @@ class Chunk:
     src_pages: list[int]
     event: DeviceEvent
     last: bool = False
+    first_page: int = 0
 
 
 @dataclass
@@ -217,12 +219,13 @@ class TransferWorker:
         """What this rank writes of the chunk into one decode rank: its head slices of each page (every head, in
         page runs, under the same TP size), then the aux row (rank 0 to decode rank 0 only)."""
         m = self.m
-        if len(chunk.src_pages) > len(info.dst_pages):
-            raise TransferError(f"{len(chunk.src_pages)} source pages but decode reserved {len(info.dst_pages)}")
+        end = chunk.first_page + len(chunk.src_pages)
+        if chunk.first_page < 0 or end > len(info.dst_pages):
+            raise TransferError(f"source pages [{chunk.first_page}, {end}) but decode reserved {len(info.dst_pages)}")
         peer = m._peers.get(info.session)
         if peer is None:
             raise TransferError(f"decode session {info.session} is not registered any more")
-        dst = info.dst_pages[: len(chunk.src_pages)]
+        dst = info.dst_pages[chunk.first_page : end]
         heads = m.pool.layout.num_kv_heads
         copies = kv_copies(chunk.start, chunk.end, m.num_layers, chunk.src_pages, dst, peer.slices, heads, peer.heads)
         if chunk.last and m.cfg.tp_rank == 0 and peer.tp_rank == 0:

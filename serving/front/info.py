@@ -109,6 +109,7 @@ class InfoEndpoints(FrontState):
             "kv_pages_used": s.kv_pages_used,
             "kv_pages_total": s.kv_pages_total,
             "in_flight_transfers": s.in_flight_transfers,
+            "prefix_cache_pages": s.prefix_cache_pages,
             "age_s": round(time.time() - self.scheduler.stats_at, 3),
         }
 
