@@ -48,6 +48,7 @@ class PrefixCache:
         self._clock = itertools.count(1)
         self.num_pages = 0  # pages owned by the tree
         self.locked_pages = 0  # of those, pages on a path some request holds
+        self.evicted = 0  # pages evicted over the cache's life
 
     # -- lookups and locks ------------------------------------------------------------------------------
 
@@ -150,6 +151,7 @@ class PrefixCache:
             self.allocator.free(node.pages)
             self.num_pages -= len(node.pages)
             freed += len(node.pages)
+            self.evicted += len(node.pages)
             if parent is not self.root and parent.is_leaf and parent.refs == 0:
                 heapq.heappush(leaves, (parent.last_used, id(parent), parent))
         return freed
