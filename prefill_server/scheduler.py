@@ -58,6 +58,8 @@ class PrefillScheduler(SchedulerLoop):
         cfg = engine.cfg
         self.book = PageBook(engine.pool.allocator, cfg.page_size, prefix_cache)
         self.reaper.release_pages = self.book.release
+        for counter in (self.metrics.prompt_tokens, self.metrics.cached_prompt_tokens, self.metrics.prefill_chunks):
+            counter.labels(self.role.value)  # exported from 0, so rate() and the hit rate work from the start
         self.batcher = PrefillBatcher(
             self.book, cfg.page_size, cfg.max_batch_size, cfg.max_prefill_tokens, cfg.chunked_prefill_size
         )

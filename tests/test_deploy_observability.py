@@ -44,7 +44,8 @@ SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "k8s-schemas"
 # Counters that only get a sample once the event happens (prometheus_client exports a labelled
 # metric only after its first labels() call), so a healthy local stack cannot show them. They must
 # still be defined in contracts/metrics.py.
-EVENT_ONLY = {"pdserve_kv_transfer_failures_total"}
+# counted only on failures, or only under --policy cache_aware (the stack routes round-robin)
+EVENT_ONLY = {"pdserve_kv_transfer_failures_total", "pdserve_router_cache_aware_total"}
 
 
 def _skip(reason: str) -> None:

@@ -291,6 +291,43 @@ def build() -> dict:
         )
     )
 
+    L.row("Prefix cache, chunked prefill and cache-aware routing")
+    L.add(
+        timeseries(
+            "Prefix cache hit rate",
+            [
+                q(
+                    "sum by (instance) (rate(pdserve_cached_prompt_tokens_total[$__rate_interval])) / "
+                    "sum by (instance) (rate(pdserve_prompt_tokens_total[$__rate_interval]))",
+                    "{{instance}}",
+                )
+            ],
+            "percentunit",
+            "Share of prompt tokens whose KV came from the prefill's prefix cache instead of a forward.",
+        )
+    )
+    L.add(
+        timeseries(
+            "Prefix cache pages / chunks per s",
+            [
+                q("max by (instance) (pdserve_prefix_cache_pages)", "cache pages {{instance}}"),
+                q("sum by (instance) (rate(pdserve_prefill_chunks_total[$__rate_interval]))", "chunks/s {{instance}}"),
+            ],
+            "short",
+            "Pages the prefix cache holds (reusable ones are evicted least recently used first under pressure), and "
+            "prefill chunks run: prompts longer than --chunked-prefill-size.",
+        )
+    )
+    L.add(
+        timeseries(
+            "Cache-aware routing / s",
+            [q("sum by (decision) (rate(pdserve_router_cache_aware_total[$__rate_interval]))", "{{decision}}")],
+            "short",
+            "How --policy cache_aware chose each prefill: by shared prefix, or by load (no match, or loads uneven).",
+            stack=True,
+        )
+    )
+
     L.row("Prefill → decode KV transfer")
     L.add(timeseries("KV transfer latency p50 / p90 / p99", quantiles("pdserve_kv_transfer_seconds"), "s"), w=6)
     L.add(
