@@ -15,7 +15,8 @@ requests always make progress, so every request ends. Its sampler state (its gen
 seeded outputs are the same as without the retraction.
 
 **Batches.** With prefilling requests and running requests both present and `mixed_chunk_size` > 0, one MIXED
-forward carries every running request's decode plus up to `mixed_chunk_size` prefill tokens (the last request
+forward carries every running request's decode plus up to `mixed_chunk_size` prefill tokens (no more than
+`chunked_prefill_size` either, when set; the last request
 taken may get a partial chunk; a chunk that does not reach the end of its request samples nothing). Otherwise
 prefills go first, and decodes run alone: an EXTEND batch of at most `chunked_prefill_size` tokens (chunked the same
 way), or, with chunking off, of whole requests within `max_prefill_tokens`.
@@ -182,7 +183,10 @@ class Scheduler:
         return ScheduledBatch(reqs, lens, [True] * len(reqs), ForwardMode.EXTEND)
 
     def _mixed(self, decoding: list[Request]) -> ScheduledBatch:
-        return self._chunks(list(decoding), [1] * len(decoding), [True] * len(decoding), self.mixed_chunk_size)
+        budget = self.mixed_chunk_size
+        if self.chunked_prefill_size > 0:
+            budget = min(budget, self.chunked_prefill_size)
+        return self._chunks(list(decoding), [1] * len(decoding), [True] * len(decoding), budget)
 
     def _chunks(self, reqs: list[Request], lens: list[int], samples: list[bool], budget: int) -> ScheduledBatch:
         """Add prefill chunks to the rows given, in order, within `budget` tokens."""

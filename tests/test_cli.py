@@ -115,3 +115,20 @@ def test_launch_sets_each_side_tp_size() -> None:
         commands = child_commands(args, engine_argv(args), 1, 2, 3, forwarded_argv(extra))
         p, d = (build_parser().parse_args(commands[n][3:]) for n in ("prefill", "decode"))
         assert (p.tp_size, d.tp_size) == want, argv
+
+
+def test_launch_passes_chunking_to_both_sides_and_the_prefix_cache_flag_to_prefill() -> None:
+    from pdserve.cli import build_parser, engine_argv, forwarded_argv
+    from pdserve.local import child_commands
+
+    argv = ["--chunked-prefill-size", "64", "--decode-chunked-prefill-size", "128", "--disable-prefix-cache"]
+    args, extra = build_parser().parse_known_args(["launch", *argv])
+    commands = child_commands(args, engine_argv(args), 1, 2, 3, forwarded_argv(extra))
+    p, d = (build_parser().parse_args(commands[n][3:]) for n in ("prefill", "decode"))
+    assert (p.chunked_prefill_size, d.chunked_prefill_size) == (64, 128)
+    assert p.disable_prefix_cache and "--disable-prefix-cache" not in commands["decode"]
+
+
+def test_a_chunk_size_that_is_not_whole_pages_is_refused() -> None:
+    proc = run_cli("generate", "--prompt", "hi", "--chunked-prefill-size", "100")
+    assert proc.returncode != 0 and "multiple of page_size 16" in proc.stderr, proc.stderr

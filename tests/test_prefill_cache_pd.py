@@ -18,6 +18,7 @@ from tests.test_batch_faults import GREEDY, PD
 from tests.test_poison import _step_until
 from tests.test_serving_e2e import reference  # noqa: F401 (fixture)
 
+STEP_TIMEOUT_S = 90  # generous: CI shares two cores with other test processes
 CHUNK = 32  # two pages: a 100-token prompt runs as 4 chunks; a prompt under way keeps one page of each forward
 
 
@@ -62,7 +63,8 @@ def test_an_abort_between_chunks_frees_everything(pd, reference):  # noqa: F811
     generate = reference[0]
     long = ids(100, 1)
     pd.submit(pd.request("long", long))
-    _step_until(pd, lambda: (j := _job(pd, "long")) is not None and j.req.num_cached >= 2 * CHUNK)
+    started = lambda: (j := _job(pd, "long")) is not None and j.req.num_cached >= 2 * CHUNK  # noqa: E731
+    _step_until(pd, started, timeout=STEP_TIMEOUT_S)
     assert _job(pd, "long") in pd.p.batcher.prefilling  # mid-prompt: some chunks sent, more to come
     pd.p.on_abort("long")
     pd.d.on_abort("long")
@@ -88,10 +90,10 @@ def test_a_request_sharing_pages_with_an_aborted_one_is_unaffected(pd, reference
     # b starts on the cached system prompt (4 pages) and runs in chunks; c, short, runs between them on the same
     # pages; b is aborted while both hold them
     pd.submit(pd.request("b", b))
-    _step_until(pd, lambda: (j := _job(pd, "b")) is not None and j.req.num_cached > 64)
+    _step_until(pd, lambda: (j := _job(pd, "b")) is not None and j.req.num_cached > 64, timeout=STEP_TIMEOUT_S)
     assert pd.p.jobs["b"].cached == 64
     pd.submit(pd.request("c", c))
-    _step_until(pd, lambda: (j := pd.p.jobs.get("c")) is not None and j.cached == 64)
+    _step_until(pd, lambda: (j := pd.p.jobs.get("c")) is not None and j.cached == 64, timeout=STEP_TIMEOUT_S)
     assert _job(pd, "b") in pd.p.batcher.prefilling
     pd.p.on_abort("b")
     pd.d.on_abort("b")
@@ -129,3 +131,32 @@ def test_eviction_under_a_small_pool_keeps_outputs_exact(small_pd, reference):  
         assert pd.tokens(m.rid) == generate(prompts[0], n)
     assert book.cache.evicted > evicted
     pd.assert_idle()
+
+
+def test_colocated_generate_chunks_its_prefills_token_exactly(engines, reference):  # noqa: F811
+    """`pdserve generate`'s engine with --chunked-prefill-size 32: prompts of 1, 2.5 and 4 chunks in one batch."""
+    generate = reference[0]
+    eng = engines[0]
+    assert eng.cfg.chunked_prefill_size == CHUNK
+    prompts = [ids(CHUNK, 30), ids(CHUNK * 5 // 2, 31), ids(CHUNK * 4, 32), ids(5, 33)]
+    real, seen = eng.scheduler.schedule, []
+
+    def schedule():
+        batch = real()
+        if batch is not None:  # EXTEND, or MIXED once some decode: the prefill rows' tokens
+            rows = [
+                (n, s)
+                for n, s, r in zip(batch.chunk_lens, batch.samples, batch.requests, strict=True)
+                if r.num_cached < len(r.prompt_ids)
+            ]
+            seen.append((sum(n for n, _ in rows), [s for _, s in rows]))
+        return batch
+
+    eng.scheduler.schedule = schedule
+    try:
+        outs = eng.generate(prompts, SamplingParams(**GREEDY))
+    finally:
+        eng.scheduler.schedule = real
+    assert all(n <= CHUNK for n, _ in seen) and any(not all(s) for _, s in seen), seen  # chunks that sample nothing
+    for p, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == generate(p, GREEDY["max_new_tokens"]), len(p)
