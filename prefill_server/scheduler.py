@@ -205,7 +205,9 @@ class PrefillScheduler(SchedulerLoop):
         for job in self.batcher.jobs():
             try:
                 if job.sender is not None and job.sender.poll() == TransferState.FAILED:
-                    self._transfer_failed(job, Stage.WAIT_FOR_INPUT, "KV transfer failed")
+                    # between two chunks of its prompt, its first chunks' KV may be on the way already
+                    stage = Stage.KV_TRANSFER if job.cached >= 0 else Stage.WAIT_FOR_INPUT
+                    self._transfer_failed(job, stage, "KV transfer failed")
             except Exception as e:
                 self._internal_error(job, e)
 
