@@ -6,11 +6,13 @@ on loopback with the prefill's KV writes paced to `--link-gbps` (`--emulated-lin
 client's time to the first token event.
 
   (a) chunked prefill, `--chunked-prefill-size` 0 (off) and each size of `--chunks`: the TTFT of each long prompt
-      alone (the least of `--reps` runs) and the prefill scheduler's peak resident memory above the idle server's
+      alone and the prefill scheduler's peak resident memory above the idle server's
       (activations: the pool is allocated up front; PeakRss in bench/prefill_kit.py); then the longest again
       (other tokens) with `--shorts` short prompts (64 tokens) sent evenly over 90% of its TTFT alone, and their
       TTFT. The bound for a short prompt is its TTFT on an idle server. A short prompt shares its forward with the
       long prompt's next chunk (prefill_server/batcher.py), so it waits for about one and a half chunk forwards.
+      Then, with no server running, the longest prompt's bare forward per chunk size in this process, sizes
+      interleaved: this host's speed drifts by tens of percent over minutes, more than chunking costs.
   (b) a shared system prompt (2048 + 100 unique tokens each), one request after another, prefix cache on vs
       `--disable-prefix-cache`: TTFT of the first (it computes the prefix) and p50 of the rest; the hit rate is
       cached / prompt tokens from the prefill's own counters. Bound: decode has no prefix cache, so every prompt's
@@ -46,7 +48,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.prefill_kit import CONTEXT, MODEL, OUTPUT_TOKENS, Counters, PeakRss, Servers, percentile, progress, token_ids
+from bench.prefill_kit import (
+    CONTEXT,
+    MODEL,
+    OUTPUT_TOKENS,
+    Counters,
+    PeakRss,
+    Servers,
+    forward_costs,
+    percentile,
+    progress,
+    token_ids,
+)
 from engine.builtin import resolve_model
 from engine.config import EngineConfig, ModelConfig
 
@@ -63,6 +76,7 @@ class ChunkRow:
     shorts: list[float] = field(default_factory=list)  # TTFT of the shorts arriving during the longest
     long_with_shorts: float = math.nan
     chunks: float = 0.0  # prefill chunks (rows that were not a whole prompt) during the longest prompt alone
+    forward: float = math.nan  # the longest prompt's forward in this process (forward_costs), s
 
 
 async def one_by_one(srv: Servers, prompts: list[list[int]]) -> list[float]:
@@ -189,33 +203,42 @@ def print_chunks(args: argparse.Namespace, rows: list[ChunkRow]) -> ChunkRow | N
     print(f"\n(a) chunked prefill: long prompts alone, then {args.shorts} prompts of {SHORT} tokens arriving evenly "
           f"over 90% of a {longest}-token one's TTFT alone")  # fmt: skip
     head = "| chunk |" + "".join(f" {n} TTFT s | x off | peak MiB |" for n in args.lengths)
-    print(head + " chunks | long with shorts s | short idle s | short during p50 s | p90 s | off / this |")
-    print("|" + "---|" * (head.count("|") + 5))
+    print(head + f" {longest} forward s | x off | chunks | long with shorts s | short idle s | short during p50 s | "
+          "p90 s | off / this |")  # fmt: skip
+    print("|" + "---|" * (head.count("|") + 7))
     for r in rows:
         cells = ""
         for n in args.lengths:
             cells += f" {r.ttft[n]:.2f} | {ratio(r.ttft[n], off.ttft[n]) if off else math.nan:.2f} | {r.mem[n]:.0f} |"
         gain = ratio(percentile(off.shorts, 50), percentile(r.shorts, 50)) if off else math.nan
-        print(f"| {r.chunk or 'off'} |{cells} {r.chunks:.0f} | {r.long_with_shorts:.2f} | {r.idle_short:.2f} | "
+        fwd = f" {r.forward:.2f} | {ratio(r.forward, off.forward) if off else math.nan:.2f} |"
+        print(f"| {r.chunk or 'off'} |{cells}{fwd} {r.chunks:.0f} | {r.long_with_shorts:.2f} | {r.idle_short:.2f} | "
               f"{percentile(r.shorts, 50):.2f} | {percentile(r.shorts, 90):.2f} | {gain:.1f}x |")  # fmt: skip
     links = ", ".join(f"KV of {n} tokens over the link {transfer_s(args, n):.2f}s" for n in args.lengths)
-    print(f"bounds: {links}; a short prompt's own TTFT is the idle column; 'x off' is what chunking costs the long one")
+    print(f"bounds: {links}; a short prompt's own TTFT is the idle column. 'x off': what chunking costs the long "
+          f"prompt, through the servers (each size on its own servers, minutes apart) and as its bare forward in this "
+          f"process (sizes interleaved, least of {args.forward_rounds} rounds: the steadier number)")  # fmt: skip
     return pick_chunk(rows, off, longest)
 
 
 def pick_chunk(rows: list[ChunkRow], off: ChunkRow | None, longest: int) -> ChunkRow | None:
-    """The size the numbers support: among sizes whose long-prompt TTFT stays within 15% of unchunked, the one
-    with the lowest short-during-long p50; if none does, the one chunking costs least."""
+    """The size the numbers support: among sizes whose long-prompt forward (the in-process one where measured, else
+    the TTFT) stays within 15% of unchunked, the one with the lowest short-during-long p50; if none does, the one
+    chunking costs least."""
     chunked = [r for r in rows if r.chunk]
     if off is None or not chunked:
         return None
-    ok = [r for r in chunked if r.ttft[longest] <= 1.15 * off.ttft[longest]]
+
+    def cost(r: ChunkRow) -> float:
+        return r.forward / off.forward if not math.isnan(off.forward) else r.ttft[longest] / off.ttft[longest]
+
+    ok = [r for r in chunked if cost(r) <= 1.15]
     if ok:
         best = min(ok, key=lambda r: percentile(r.shorts, 50))
-        why = "the lowest short-during-long p50 among sizes costing the long prompt at most 15%"
+        why = "the lowest short-during-long p50 among sizes costing the long prompt's forward at most 15%"
     else:
-        best = min(chunked, key=lambda r: r.ttft[longest])
-        why = "no size keeps the long prompt within 15% of unchunked; this one costs it least"
+        best = min(chunked, key=cost)
+        why = "no size keeps the long prompt's forward within 15% of unchunked; this one costs it least"
     print(f"chunk size the numbers support: {best.chunk} ({why})")
     return best
 
@@ -294,7 +317,13 @@ def parse_args() -> argparse.Namespace:
                     "(GPU + RDMA territory)")  # fmt: skip
     ap.add_argument("--lengths", default=f"4096,{CONTEXT - OUTPUT_TOKENS}", help="long prompts, tokens")
     ap.add_argument("--chunks", default="512,1024,2048,4096", help="chunk sizes beside off")
-    ap.add_argument("--reps", type=int, default=2, help="(a) runs of each long prompt alone; the least TTFT counts")
+    ap.add_argument("--reps", type=int, default=1, help="(a) runs of each long prompt alone; the least TTFT counts")
+    ap.add_argument(
+        "--forward-rounds",
+        type=int,
+        default=2,
+        help="(a) rounds of the longest prompt's forward in this process per chunk size (0: skip)",
+    )
     ap.add_argument("--shorts", type=int, default=8, help="short prompts during the longest prompt")
     ap.add_argument("--shared", type=int, default=2048, help="system prompt tokens, (b) and (c)")
     ap.add_argument("--unique", type=int, default=100)
@@ -306,7 +335,7 @@ def parse_args() -> argparse.Namespace:
                     help="OMP_WAIT_POLICY of the servers (ACTIVE: OpenMP's spinning default)")  # fmt: skip
     args = ap.parse_args()
     if args.quick:
-        args.lengths, args.chunks, args.shorts, args.reps = "2048", "512", 6, 1
+        args.lengths, args.chunks, args.shorts, args.forward_rounds = "2048", "512", 6, 1
         args.shared, args.unique, args.requests, args.groups = 512, 32, 5, 4
     args.lengths = sorted(int(x) for x in args.lengths.split(","))  # ascending: see PeakRss
     args.chunks = [0] + [int(x) for x in args.chunks.split(",") if x]
@@ -324,6 +353,11 @@ def main() -> None:
     parts = set(args.parts.split(","))
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     a = [run_chunk(args, c) for c in args.chunks] if "a" in parts else []
+    if a and args.forward_rounds:
+        progress(f"(a) the forward of {max(args.lengths)} tokens per chunk size, in this process")
+        costs = forward_costs(max(args.lengths), args.chunks, args.forward_rounds)
+        for row in a:
+            row.forward = costs[row.chunk]
     b = [run_shared(args, cache) for cache in (True, False)] if "b" in parts else []
     c = [run_routed(args, p) for p in ("round_robin", "cache_aware")] if "c" in parts else []
     print(f"\nbench/prefill.py on {MODEL} (context {CONTEXT}, {args.kv_bytes} KV bytes/token), {args.backend} on "

@@ -221,3 +221,30 @@ class PeakRss:
         else:
             peak = _status_kb(self.pid, "VmHWM")
         return (peak - self.base) / 1024
+
+
+def forward_costs(length: int, chunks: list[int], rounds: int) -> dict[int, float]:
+    """Seconds to compute a `length`-token prompt in chunks of each size (0: whole) with the prefill's own forward
+    (`runner.build_batch` / `start_forward` / `run_layers` / `logits` on the KV of the chunks before), in this
+    process with no server running; sizes interleaved, every other round in reverse, the least time per size kept:
+    the host's speed drifts by tens of percent over minutes, which separate server runs cannot tell from chunking."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.kvcache import pages_for
+
+    engine = Engine(EngineConfig(model=MODEL, device="cpu", skip_warmup=True, num_pages=pages_for(length, 16) + 1))
+    runner = engine.runner
+    ids = token_ids(random.Random(7), length)
+    pages = engine.pool.allocator.allocate(pages_for(length, 16))
+    best: dict[int, float] = {}
+    for r in range(rounds):
+        for chunk in chunks if r % 2 == 0 else chunks[::-1]:
+            t0 = time.perf_counter()
+            for start in range(0, length, chunk or length):
+                n = min(chunk or length, length - start)
+                fwd = runner.start_forward(runner.build_batch([ids[start : start + n]], [start], [pages]))
+                fwd.run_layers(0, runner.num_layers)
+                fwd.logits()
+            best[chunk] = min(best.get(chunk, math.inf), time.perf_counter() - t0)
+            progress(f"(a) forward of {length} tokens in chunks of {chunk or 'all'}: {time.perf_counter() - t0:.2f}s")
+    return best
