@@ -28,7 +28,7 @@ bench-llama's context is 8192 tokens (max_position_embeddings; --context-length 
 16K prompt cannot run on it: the long prompts are 4096 and 8188 (8192 less the output tokens). The servers share
 this host's cores, so they run with OMP_WAIT_POLICY=PASSIVE (`--omp-wait-policy`): with OpenMP's spinning default,
 decodes running beside a chunked prefill made both 2-3x slower on 2 cores, which no separate-machine deployment
-sees. About 12 minutes on a quiet 2-core host; `--quick` about 5.
+sees. About 15 minutes on a 2-core host; `--quick` about 5.
 
     .venv/bin/python bench/prefill.py [--quick] [--parts a,b,c] [--chunks 512,1024,2048,4096] [--link-gbps 1]
 """
