@@ -216,8 +216,10 @@ class EngineConfig:
     # 0: no MIXED batches, prefills run alone and pause decoding
     mixed_chunk_size: int = 512
     # Most prompt tokens one prefill forward computes: longer prompts run as several chunks, each on the KV of the
-    # ones before (bounds activation memory and how long other prompts wait); 0: every prompt in one forward
-    chunked_prefill_size: int = 2048
+    # ones before (bounds activation memory and how long other prompts wait); 0: every prompt in one forward.
+    # 512: bench/prefill.py on CPU (short prompts during an 8K one 5.5x faster than unchunked, the long forward ~6%
+    # slower, peak activations 62 vs 350 MiB; 2048 gave only 1.1-1.8x); re-measure on a GPU, where 1024+ may pay
+    chunked_prefill_size: int = 512
 
     def validate(self) -> None:
         if self.page_size < 1:
