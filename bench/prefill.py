@@ -56,10 +56,9 @@ from bench.prefill_kit import (
     PeakRss,
     Servers,
     forward_costs,
-    percentile,
-    progress,
     token_ids,
 )
+from bench.serve import percentile, progress
 from engine.builtin import resolve_model
 from engine.config import EngineConfig, ModelConfig
 

@@ -8,7 +8,6 @@ import contextlib
 import json
 import math
 import random
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from typing import TypeVar
 
 import httpx
 
+from bench.serve import progress
 from harness.observe import scrape_metric
 from harness.sse import sse_data
 from harness.stack import Proc, Stack
@@ -26,20 +26,6 @@ MODEL = "builtin:bench-llama"  # 24 layers, hidden 512, 2 KV heads of 64, float3
 CONTEXT = 8192  # its max_position_embeddings; the servers clip --context-length to it
 OUTPUT_TOKENS = 4  # per request, ignore_eos: the answer only has to start
 T = TypeVar("T")
-
-
-def progress(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100]); nan for no values."""
-    if not values:
-        return math.nan
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def token_ids(rng: random.Random, n: int) -> list[int]:
