@@ -20,16 +20,19 @@ ROLE = Role.ROUTER.value  # the label value (str() of the enum member would be "
 
 # Labelled children, looked up once: `labels()` takes a lock and builds a key on every call, several times a request.
 # Keyed by the metric object too, so a metrics registry built anew (tests do) is never served stale children.
-_children: dict[tuple[int, str | None], tuple[Any, Any]] = {}
+_children: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[Any, Any]] = {}
+
+
+def _labelled(metric: Any, **labels: str) -> Any:
+    key = (id(metric), tuple(sorted(labels.items())))
+    hit = _children.get(key)
+    if hit is None or hit[0] is not metric:
+        hit = _children[key] = (metric, metric.labels(**labels))
+    return hit[1]
 
 
 def _child(metric: Any, status: str | None = None) -> Any:
-    key = (id(metric), status)
-    hit = _children.get(key)
-    if hit is None or hit[0] is not metric:
-        child = metric.labels(role=ROLE) if status is None else metric.labels(role=ROLE, status=status)
-        hit = _children[key] = (metric, child)
-    return hit[1]
+    return _labelled(metric, role=ROLE) if status is None else _labelled(metric, role=ROLE, status=status)
 
 
 def request_started() -> None:
@@ -54,28 +57,14 @@ def observe_ttft(seconds: float) -> None:
     _child(get_metrics().time_to_first_token).observe(seconds)
 
 
-_decisions: dict[PrefillPath, tuple[Any, Any]] = {}
-
-
 def count_decision(path: PrefillPath) -> None:
     """Once per dispatched request: where its prompts are prefilled (conditional disaggregation)."""
-    metric = get_metrics().pd_decisions
-    hit = _decisions.get(path)
-    if hit is None or hit[0] is not metric:
-        hit = _decisions[path] = (metric, metric.labels(path=path.value))
-    hit[1].inc()
-
-
-_cache_routes: dict[CacheRoute, tuple[Any, Any]] = {}
+    _labelled(get_metrics().pd_decisions, path=path.value).inc()
 
 
 def count_cache_route(decision: CacheRoute) -> None:
     """Once per prefill the cache-aware policy picks (a retry picks again): by prefix, by load, or to rebalance."""
-    metric = get_metrics().router_cache_aware
-    hit = _cache_routes.get(decision)
-    if hit is None or hit[0] is not metric:
-        hit = _cache_routes[decision] = (metric, metric.labels(decision=decision.value))
-    hit[1].inc()
+    _labelled(get_metrics().router_cache_aware, decision=decision.value).inc()
 
 
 def count_retry() -> None:
