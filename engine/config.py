@@ -206,6 +206,9 @@ class EngineConfig:
     cuda_graph_max_bs: int = 64  # largest decode batch replayed from a graph (capped by max_batch_size)
     skip_warmup: bool = False  # skip running each kind of forward once at start-up (tests, quick tools)
     tp_size: int = 1  # tensor-parallel ranks (one process and one device each; engine/distributed.py)
+    # Context-parallel prefill ranks (engine/cp_forward.py): each holds the whole model and computes its zigzag
+    # share of every eligible prefill batch. Not combined with tp_size > 1.
+    cp_size: int = 1
     dist_timeout_s: float = 120.0  # a collective waiting longer for a peer fails (a dead or hung rank)
     # Admission (engine/headroom.py): "need" admits by current need plus an estimate of further output and retracts
     # under pressure; "worst_case" reserves prompt + max_new_tokens up front and never retracts.
@@ -236,11 +239,23 @@ class EngineConfig:
             raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
         if isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int) or self.tp_size < 1:
             raise ValueError(f"tp_size must be an integer >= 1, got {self.tp_size!r}")
+        if isinstance(self.cp_size, bool) or not isinstance(self.cp_size, int) or self.cp_size < 1:
+            raise ValueError(f"cp_size must be an integer >= 1, got {self.cp_size!r}")
+        if self.cp_size > 1 and self.tp_size > 1:
+            raise ValueError(
+                f"cp_size {self.cp_size} with tp_size {self.tp_size}: context and tensor parallelism do not combine "
+                "yet; use one of them (--cp-size N with --tp-size 1, or --tp-size N with --cp-size 1)"
+            )
         if not self.dist_timeout_s > 0 or self.dist_timeout_s == float("inf"):
             raise ValueError(f"dist_timeout_s must be a finite number of seconds > 0, got {self.dist_timeout_s}")
         self._validate_scheduling()
         if self.dtype is not None:
             parse_dtype(self.dtype)
+
+    @property
+    def world_size(self) -> int:
+        """Processes (ranks) one engine runs on: its TP ranks, or its CP ranks."""
+        return self.tp_size * self.cp_size
 
     def _validate_scheduling(self) -> None:
         if self.admission_policy not in ("need", "worst_case"):

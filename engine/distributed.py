@@ -4,8 +4,8 @@ Every rank of a tensor-parallel engine is one process that runs the same code on
 same scheduler, the same forward, the same sampled tokens (rank 0's, broadcast by `Engine.sample`). The ranks
 talk through a `TPGroup`:
 
-- `all_reduce_` and `all_gather` carry the model's activations (row-parallel outputs, vocabulary slices) on the
-  device group: gloo on CPU, NCCL on CUDA;
+- `all_reduce_`, `all_gather` and `broadcast_` carry the model's activations (row-parallel outputs, vocabulary
+  slices, context-parallel K/V) on the device group: gloo on CPU, NCCL on CUDA;
 - `broadcast_object`, `agree_min` and `barrier` carry small control data on a gloo group (CPU tensors, even
   on CUDA: cheaper than a device round trip for a few bytes).
 
@@ -82,6 +82,12 @@ class TPGroup:
         parts = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(parts, t, group=self._group)
         return torch.cat(parts, dim=dim)
+
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank `src`'s `t` into every rank's `t` (same shape and dtype everywhere), in place; returns `t`."""
+        if self.size > 1:
+            dist.broadcast(t, src, group=self._group)
+        return t
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """`obj` of rank `src` (pickled), on every rank; the other ranks' `obj` is ignored."""

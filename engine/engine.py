@@ -82,29 +82,35 @@ class _SampleFailed:
 
 class Engine:
     def __init__(self, cfg: EngineConfig, tp: TPGroup | None = None) -> None:
-        """`tp`: this rank's tensor-parallel group (engine/distributed.py); None for a single rank."""
+        """`tp`: the group of this engine's ranks (engine/distributed.py): its tensor-parallel ranks, which shard the
+        model, or its context-parallel ranks, which each hold all of it; None for a single rank."""
         cfg.validate()
         self.cfg = cfg
         if tp is None:
-            if cfg.tp_size > 1:
+            if cfg.world_size > 1:
                 raise ValueError(
-                    f"tp_size {cfg.tp_size} runs one process per rank: give each rank's Engine its TPGroup "
-                    "(engine.distributed.init_tp_group), as `pdserve generate --tp-size` does"
+                    f"tp_size {cfg.tp_size} x cp_size {cfg.cp_size} runs one process per rank: give each rank's "
+                    "Engine its group (engine.distributed.init_tp_group), as `pdserve generate --tp-size` does"
                 )
             tp = TPGroup.single(resolve_device(cfg.device))
-        elif tp.size != cfg.tp_size:
-            raise ValueError(f"the process group has {tp.size} ranks but tp_size is {cfg.tp_size}")
-        self.tp = tp
+        elif tp.size != cfg.world_size:
+            raise ValueError(
+                f"the process group has {tp.size} ranks but tp_size x cp_size is {cfg.tp_size} x {cfg.cp_size}"
+            )
+        self.tp = tp  # every rank of the engine: scheduling agreement and the sampled tokens go over it
         self.device = tp.device
+        # the model's own group: CP ranks hold the whole model (TP=1 within the CP group)
+        model_tp = tp if cfg.tp_size > 1 else TPGroup.single(self.device)
+        self.cp = tp if cfg.cp_size > 1 else None
         model_dir = resolve_model(cfg.model)
         t0 = time.perf_counter()
         dtype = parse_dtype(cfg.dtype) if cfg.dtype else None
-        self.model = load_model(model_dir, dtype=dtype, device=self.device, tp=tp)
+        self.model = load_model(model_dir, dtype=dtype, device=self.device, tp=model_tp)
         self.model_config = self.model.config
         self.weight_bytes = self.model.weight_bytes  # this rank's shard
         tp.startup_barrier()  # ranks load at different speeds; every collective after this has the short timeout
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
-        kv = kv_head_range(self.model_config.num_kv_heads, tp.size, tp.rank)
+        kv = kv_head_range(self.model_config.num_kv_heads, model_tp.size, model_tp.rank)
         layout = KVLayout(
             num_layers=self.model_config.num_layers,
             page_size=cfg.page_size,
@@ -120,7 +126,7 @@ class Engine:
             # the same page count on every rank (free memory may differ per GPU): the schedulers must agree
             (budget,) = tp.agree_min([kv_budget_bytes(cfg, self.device)])
             self.pool = KVPool.for_budget(layout, budget, self.device)
-        self.runner = ModelRunner(self.model, self.pool, cfg.attention_backend)
+        self.runner = ModelRunner(self.model, self.pool, cfg.attention_backend, cp=self.cp)
         headroom = HeadroomEstimator(cfg.admission_policy, cfg.init_headroom_ratio, cfg.min_headroom_ratio)  # type: ignore[arg-type]
         self.scheduler = Scheduler(
             self.pool.allocator,
@@ -141,7 +147,7 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._prepare_kernels()
         log.info(
-            "loaded %s (%s, %d layers) on %s in %.1fs; KV pool %d pages x %d tokens; TP rank %d/%d: "
+            "loaded %s (%s, %d layers) on %s in %.1fs; KV pool %d pages x %d tokens; %s rank %d/%d: "
             "weights %.1f MiB, KV heads [%d, %d) of %d",
             cfg.model,
             self.model_config.architecture,
@@ -150,6 +156,7 @@ class Engine:
             time.perf_counter() - t0,
             self.pool.num_pages,
             cfg.page_size,
+            "CP" if self.cp is not None else "TP",
             tp.rank,
             tp.size,
             self.weight_bytes / 2**20,

@@ -16,7 +16,10 @@ import torch
 
 from engine.attention import AttentionBackend, create_attention_backend
 from engine.batch import ForwardBatch
+from engine.context_parallel import split_refusal
+from engine.cp_forward import ContextParallelStep
 from engine.cuda_graph import CapturedGraph, GraphRunner, capture_sizes
+from engine.distributed import TPGroup
 from engine.kvcache import KVPool
 from engine.models import LlamaFamilyModel
 
@@ -24,15 +27,28 @@ log = logging.getLogger(__name__)
 
 
 class LayerwiseForward:
-    """One batch's forward, advanced one layer range at a time."""
+    """One batch's forward, advanced one layer range at a time.
+
+    On a context-parallel runner an eligible batch runs as this rank's zigzag share (engine/cp_forward.py): the
+    model sees the local batch and an attention that stores the whole group's KV; `cp_refusal` says why a batch
+    ran whole instead (None when it ran context-parallel, or CP is off)."""
 
     def __init__(self, runner: ModelRunner, batch: ForwardBatch) -> None:
         self.runner = runner
         self.batch = batch
-        runner.attn.prepare(batch)
+        self.cp: ContextParallelStep | None = None
+        self.cp_refusal: str | None = None
+        if runner.cp is not None:
+            self.cp_refusal = split_refusal(batch.extend_lens, runner.cp.size, batch.mode)
+            if self.cp_refusal is None:
+                self.cp = ContextParallelStep(batch, runner.attn, runner.cp)
+        # what the model's layers run on: this rank's share under CP, else the batch itself
+        self.run_batch = self.cp.batch if self.cp is not None else batch
+        self.attn: AttentionBackend = self.cp.attn if self.cp is not None else runner.attn
+        self.attn.prepare(self.run_batch)
         with torch.inference_mode():
-            self.hidden = runner.model.embed(batch.input_ids)
-            self.rope = runner.model.rope_tables(batch.positions)  # once per forward, not once per layer
+            self.hidden = runner.model.embed(self.run_batch.input_ids)
+            self.rope = runner.model.rope_tables(self.run_batch.positions)  # once per forward, not once per layer
         self.next_layer = 0
 
     @property
@@ -43,25 +59,33 @@ class LayerwiseForward:
         if start != self.next_layer:
             raise ValueError(f"layer ranges must be consecutive: expected start {self.next_layer}, got {start}")
         # The backend's per-batch metadata is shared; another batch may have prepared it in between.
-        if self.runner.attn.batch is not self.batch:
-            self.runner.attn.prepare(self.batch)
+        if self.runner.attn.batch is not self.run_batch:
+            self.attn.prepare(self.run_batch)
         with torch.inference_mode():
-            self.hidden = self.runner.model.run_layers(self.hidden, self.rope, start, end, self.runner.attn)
+            self.hidden = self.runner.model.run_layers(self.hidden, self.rope, start, end, self.attn)
         self.next_layer = end
 
     def logits(self, all_tokens: bool = False) -> torch.Tensor:
         """[B, V] float32 logits at each request's last token ([T, V] with all_tokens)."""
         if not self.done:
             raise ValueError(f"logits need all {self.runner.num_layers} layers; ran {self.next_layer}")
-        rows = self.hidden if all_tokens else self.hidden[self.batch.last_token_indices]
         with torch.inference_mode():
+            if self.cp is not None:
+                if all_tokens:
+                    raise ValueError("a context-parallel forward gives logits at the last tokens only")
+                return self.runner.model.logits(self.cp.last_hidden(self.hidden))
+            rows = self.hidden if all_tokens else self.hidden[self.batch.last_token_indices]
             return self.runner.model.logits(rows)
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaFamilyModel, pool: KVPool, attention_backend: str = "auto") -> None:
+    def __init__(
+        self, model: LlamaFamilyModel, pool: KVPool, attention_backend: str = "auto", cp: TPGroup | None = None
+    ) -> None:
+        """`cp`: the context-parallel group this rank computes prefills with (None: every batch runs whole)."""
         self.model = model
         self.pool = pool
+        self.cp = cp if cp is not None and cp.size > 1 else None
         self.config = model.config
         self.device = pool.device
         self.attn: AttentionBackend = create_attention_backend(

@@ -12,7 +12,7 @@ from contracts.http import DEFAULT_MAX_BODY_BYTES
 from contracts.pd import DEFAULT_BOOTSTRAP_PORT
 from engine.config import EngineConfig
 from pdserve.forwarded import ROLES, FlagError, known_flags, split_forwarded
-from pdserve.prefill_args import add_prefill_args, env, opt_float, pipeline_settings
+from pdserve.prefill_args import add_cp_arg, add_prefill_args, env, opt_float, pipeline_settings
 from transfer.config import BACKENDS, Timeouts, TransferConfig
 from transfer.planner import PipelineSettings
 
@@ -110,6 +110,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         cuda_graph_max_bs=args.cuda_graph_max_bs,
         skip_warmup=args.skip_warmup,
         tp_size=args.tp_size,
+        cp_size=getattr(args, "cp_size", 1),  # prefill and generate only
         dist_timeout_s=args.dist_timeout,
         admission_policy=args.admission_policy,
         init_headroom_ratio=args.init_headroom_ratio,
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text in one process (colocated prefill + decode)")
     add_engine_args(gen)
+    add_cp_arg(gen)
     gen.add_argument("--prompt", required=True, action="append", help="prompt text; repeat for a batch")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     gen.add_argument("--max-new-tokens", type=int, default=32)
@@ -250,7 +252,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         params.validate()
         cfg = engine_config(args)
         cfg.validate()
-        if cfg.tp_size > 1:  # rank 0 here, ranks 1..N-1 spawned (pdserve/generate.py); the split checked first
+        if cfg.world_size > 1:  # rank 0 here, ranks 1..N-1 spawned (pdserve/generate.py); the split checked first
             check_split(cfg)
             prompts, outputs = run_tp(cfg, args.prompt, args.chat, params, args.log_level)
         else:

@@ -59,7 +59,7 @@ def _follower(
     from engine.distributed import init_tp_group
 
     logging.basicConfig(level=level.upper(), format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
-    tp = init_tp_group(rank, cfg.tp_size, address, cfg.device, cfg.dist_timeout_s)
+    tp = init_tp_group(rank, cfg.world_size, address, cfg.device, cfg.dist_timeout_s)
     try:
         run_generate(cfg, texts, chat, params, tp)
     except (ValueError, RuntimeError) as e:
@@ -70,25 +70,25 @@ def _follower(
 
 
 def run_tp(cfg: EngineConfig, texts: list[str], chat: bool, params: SamplingParams, level: str) -> Result:
-    """Rank 0 of a `cfg.tp_size`-rank run; raises what rank 0 raises, or RuntimeError when a follower failed
-    after rank 0 finished. A follower failing while rank 0 runs ends this process with status 1."""
+    """Rank 0 of a `cfg.world_size`-rank run (TP or CP ranks); raises what rank 0 raises, or RuntimeError when a
+    follower failed after rank 0 finished. A follower failing while rank 0 runs ends this process with status 1."""
     from engine.distributed import FollowerWatch, init_address, init_tp_group, spawn_followers, stop_followers
 
     address = init_address()
-    procs = spawn_followers(_follower, (address, cfg, texts, chat, params, level), cfg.tp_size)
+    procs = spawn_followers(_follower, (address, cfg, texts, chat, params, level), cfg.world_size)
     done = threading.Event()
 
     def on_failure(p: BaseProcess) -> None:
         if done.wait(_GRACE_S):  # rank 0 finished or raised by itself meanwhile: it reports
             return
-        print(f"pdserve generate: error: tensor-parallel {p.name} exited with code {p.exitcode}; stopping",
+        print(f"pdserve generate: error: {p.name} exited with code {p.exitcode}; stopping",
               file=sys.stderr, flush=True)  # fmt: skip
         stop_followers(procs)
         os._exit(1)
 
     watch = FollowerWatch(procs, on_failure)
     try:
-        tp = init_tp_group(0, cfg.tp_size, address, cfg.device, cfg.dist_timeout_s)
+        tp = init_tp_group(0, cfg.world_size, address, cfg.device, cfg.dist_timeout_s)
         try:
             result = run_generate(cfg, texts, chat, params, tp)
         finally:
@@ -97,7 +97,7 @@ def run_tp(cfg: EngineConfig, texts: list[str], chat: bool, params: SamplingPara
             p.join(cfg.dist_timeout_s)
         failed = [p for p in procs if p.exitcode != 0]
         if failed:
-            raise RuntimeError(", ".join(f"tensor-parallel {p.name} exited with code {p.exitcode}" for p in failed))
+            raise RuntimeError(", ".join(f"{p.name} exited with code {p.exitcode}" for p in failed))
         return result
     finally:
         done.set()

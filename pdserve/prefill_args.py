@@ -1,4 +1,5 @@
-"""The flags only `pdserve prefill` takes: the layer-pipelined send (DESIGN §4) and the prefix cache."""
+"""The flags only `pdserve prefill` takes: the layer-pipelined send (DESIGN §4), the prefix cache and context
+parallelism (`--cp-size`, which `pdserve generate` takes too)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def opt_float(value: str) -> float | None:
 
 def add_prefill_args(p: argparse.ArgumentParser) -> None:
     add_pipeline_args(p)
+    add_cp_arg(p)
     p.add_argument(
         "--disable-prefix-cache",
         action="store_true",
@@ -68,4 +70,15 @@ def pipeline_settings(args: argparse.Namespace) -> PipelineSettings:
         min_iters=args.pipeline_min_iters,
         sat_multiplier=args.pipeline_sat_multiplier,
         group_size=args.pipeline_group_size,
+    )
+
+
+def add_cp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cp-size",
+        type=int,
+        default=int(env("CP_SIZE", "1")),
+        help="context-parallel prefill ranks: one process each, each holding the whole model; a prompt batch "
+        "whose every prompt has >= 2*N new tokens is split over them (zigzag), others run whole; not with "
+        "--tp-size > 1 (PDSERVE_CP_SIZE)",
     )

@@ -98,20 +98,22 @@ def _scheduler_main(
     rank: int = 0,
     init_address: str = "",
 ) -> None:
-    """One rank's scheduler process: its process group (tp > 1), its engine shard, its scheduler."""
+    """One rank's scheduler process: its process group (TP or CP > 1), its engine (shard), its scheduler."""
     _exit_with_parent()
     logging.basicConfig(
         level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s"
     )
     from engine.engine import Engine
 
-    size = settings.engine.tp_size
+    size = settings.engine.world_size
     tp = None
     if size > 1:
         from engine.distributed import init_tp_group
 
         tp = init_tp_group(rank, size, init_address, settings.engine, settings.engine.dist_timeout_s)
-        settings = replace(settings, transfer=replace(settings.transfer, tp_rank=rank, tp_size=size))
+        # to the transfer layer every rank is a writer of its share of the heads; CP ranks hold all of them
+        transfer = replace(settings.transfer, tp_rank=rank, tp_size=size, full_kv_heads=settings.engine.cp_size > 1)
+        settings = replace(settings, transfer=transfer)
     make_scheduler(Engine(settings.engine, tp), settings, ipc_in, ipc_out).run()
 
 
@@ -144,10 +146,10 @@ def _serve(settings: ServerSettings, make_scheduler: MakeScheduler, crashed: thr
         setup_multiprocess(str(metrics_dir), clear=True)  # inherited by the child through the environment
         ipc_in, ipc_out = f"ipc://{run_dir}/to-scheduler", f"ipc://{run_dir}/from-scheduler"
 
-        # One scheduler process per tensor-parallel rank; rank 0 talks to the front. Any of them dying takes
+        # One scheduler process per rank (TP or CP); rank 0 talks to the front. Any of them dying takes
         # the server down (the watchers), so a half server never answers /health.
         ctx = mp.get_context("spawn")
-        tp_size = settings.engine.tp_size
+        tp_size = settings.engine.world_size
         init_address = f"tcp://127.0.0.1:{free_port()}" if tp_size > 1 else ""
         for rank in range(tp_size):
             child = ctx.Process(

@@ -34,6 +34,9 @@ class TransferConfig:
     device_names: str = ""  # RDMA NICs for Mooncake, e.g. "mlx5_0,mlx5_1"
     tp_rank: int = 0
     tp_size: int = 1
+    # Every rank's pool holds all the model's KV heads (context-parallel prefill ranks): a rank still writes only
+    # the heads its TP rank would own (transfer/head_map.py), so the ranks split the push between them.
+    full_kv_heads: bool = False
     aux_rows: int = 1024  # in-flight rooms one side can hold
     # Benchmarking aid, off by default: pretend the link carries this many GB/s (each write completes no
     # sooner than a serial link of that bandwidth would deliver it). Loopback is far faster than CPU

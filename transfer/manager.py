@@ -26,7 +26,7 @@ from contracts.codec import Record
 from contracts.metrics import FailureReason
 from engine.device import bind_thread
 from engine.kvcache import KVPool
-from engine.parallel import kv_head_range
+from engine.parallel import HeadRange, kv_head_range, kv_split_problem
 from transfer.aux import AuxBuffer
 from transfer.backends import BackendSettings, MemoryRegion, create_backend
 from transfer.config import TransferConfig
@@ -75,10 +75,17 @@ def kv_regions(pool: KVPool) -> list[MemoryRegion]:
 
 
 def check_rank_layout(cfg: TransferConfig, pool: KVPool) -> None:
-    """The pool must hold exactly the KV heads `engine.parallel.kv_head_range` gives this TP rank: the head map
-    (transfer/head_map.py) computes both sides' heads from it."""
+    """The pool must hold exactly the KV heads `engine.parallel.kv_head_range` gives this TP rank (all of them with
+    `full_kv_heads`): the head map (transfer/head_map.py) computes both sides' heads from it."""
     layout = pool.layout
-    want = kv_head_range(layout.model_kv_heads, cfg.tp_size, cfg.tp_rank)
+    total = layout.model_kv_heads
+    if cfg.full_kv_heads and kv_split_problem(total, cfg.tp_size):
+        raise ValueError(
+            f"{cfg.tp_size} context-parallel ranks split the KV push by heads, and {cfg.tp_size} "
+            f"{kv_split_problem(total, cfg.tp_size)}; use a --cp-size that divides {total} or is a multiple of it"
+        )
+    writes = kv_head_range(total, cfg.tp_size, cfg.tp_rank)
+    want = HeadRange(0, total, total) if cfg.full_kv_heads else writes
     if (layout.kv_head_start, layout.num_kv_heads) != (want.start, want.count):
         raise ValueError(
             f"TP rank {cfg.tp_rank} of {cfg.tp_size} holds KV heads [{want.start}, {want.stop}) of "

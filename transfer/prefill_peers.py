@@ -76,6 +76,9 @@ class PeerTable:
             return
         layout = self.pool.layout
         slices = head_slices(layout.model_kv_heads, self.cfg.tp_size, msg.tp_size, self.cfg.tp_rank, msg.tp_rank)
+        if self.cfg.full_kv_heads:  # our pool holds every head: offsets into it are model head indices
+            first = kv_head_range(layout.model_kv_heads, self.cfg.tp_size, self.cfg.tp_rank).start
+            slices = [HeadSlice(sl.src + first, sl.dst, sl.count) for sl in slices]
         bases = [*msg.k_bases, *msg.v_bases]
         regions = [MemoryRegion(b, msg.item_bytes, msg.num_items, msg.num_kv_heads) for b in bases]
         regions.append(MemoryRegion(msg.aux_base, msg.aux_row_bytes, msg.aux_rows))

@@ -35,12 +35,19 @@ class AttentionBackend(ABC):
         captured graph: the metadata must go into the buffers the graph was captured with."""
         raise NotImplementedError(f"the {self.name} attention backend has no CUDA-graph mode")
 
-    @abstractmethod
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store the new tokens' K/V into the pool, then attend.
 
         q: [T, Hq, D]; k, v: [T, Hkv, D] (ragged over the batch). Returns [T, Hq, D].
         """
+        self.store_kv(layer, k, v)
+        return self.attend(layer, q, k, v)
+
+    @abstractmethod
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of the batch's queries over its KV, which the pool already holds (`forward` stored it; the
+        context-parallel forward stores the whole group's KV itself, engine/cp_forward.py). `k`/`v` are the
+        batch's own new K/V, which a backend may read in place of the pool for a request with no prefix."""
 
     def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         assert self.batch is not None, "prepare() must run before forward()"

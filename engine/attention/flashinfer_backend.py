@@ -113,7 +113,6 @@ class FlashInferAttention(AttentionBackend):
         self._plan_decode(wrapper, batch)
         self._active = wrapper
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.store_kv(layer, k, v)
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = (self.pool.k[layer], self.pool.v[layer])  # each [pages + 1, kv_heads, page_size, head_dim]
         return self._active.run(q.to(self.pool.layout.dtype).contiguous(), cache)

@@ -75,8 +75,7 @@ class TorchAttention(AttentionBackend):
             allowed &= q_pos - k_pos < self.sliding_window
         return allowed
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.store_kv(layer, k, v)
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         assert self.batch is not None
         meta = self.batch.attn_metadata
         if isinstance(meta, _DecodeMeta):
