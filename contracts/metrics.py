@@ -159,6 +159,8 @@ class Metrics:
     cached_prompt_tokens: Counter  # pdserve_cached_prompt_tokens_total{role}
     prefix_cache_pages: Gauge  # pdserve_prefix_cache_pages{role}
     prefill_chunks: Counter  # pdserve_prefill_chunks_total{role}
+    cp_batches: Counter  # pdserve_cp_batches_total{role}
+    cp_fallbacks: Counter  # pdserve_cp_fallbacks_total{role,reason}
     router_cache_aware: Counter  # pdserve_router_cache_aware_total{decision}
 
 
@@ -362,6 +364,16 @@ def _build(multiproc: bool) -> Metrics:
             "pdserve_prefill_chunks",
             "Prefill chunks run: a prompt longer than --chunked-prefill-size runs as several, each sent on its own.",
             ["role"],
+            registry=reg,
+        ),
+        cp_batches=Counter(
+            "pdserve_cp_batches", "Prefill batches run context-parallel (--cp-size > 1).", ["role"], registry=reg
+        ),
+        cp_fallbacks=Counter(
+            "pdserve_cp_fallbacks",
+            "Prefill batches a context-parallel server ran whole on every rank, by reason: short_sequence (a prompt "
+            "with under 2 x cp new tokens), mode (not a pure prefill).",
+            ["role", "reason"],
             registry=reg,
         ),
         router_cache_aware=Counter(

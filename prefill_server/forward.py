@@ -60,6 +60,7 @@ class ChunkResult:
     sample: SampleOutput | None
     sampled: list[int]
     groups: list[tuple[int, int]]
+    cp_refusal: str | None = None  # on a context-parallel engine: why the batch ran whole (None: it ran split)
 
 
 def send_cached_prefix(engine: Engine, row: PrefillRow) -> None:
@@ -113,7 +114,7 @@ def prefill_rows(engine: Engine, rows: list[PrefillRow], pipeline: PipelineSetti
                 send(row, 0, runner.num_layers, event, last=True)
         elif not pipelined and not row.last and row.live():
             send(row, 0, runner.num_layers, event)  # a middle chunk: its KV alone
-    return ChunkResult(sample, sampled, groups)
+    return ChunkResult(sample, sampled, groups, fwd.cp_refusal)
 
 
 def _sample_and_write_aux(

@@ -60,6 +60,8 @@ class PrefillScheduler(SchedulerLoop):
         self.reaper.release_pages = self.book.release
         for counter in (self.metrics.prompt_tokens, self.metrics.cached_prompt_tokens, self.metrics.prefill_chunks):
             counter.labels(self.role.value)  # exported from 0, so rate() and the hit rate work from the start
+        if engine.cp is not None:
+            self.metrics.cp_batches.labels(self.role.value)
         self.batcher = PrefillBatcher(
             self.book, cfg.page_size, cfg.max_batch_size, cfg.max_prefill_tokens, cfg.chunked_prefill_size
         )
@@ -238,6 +240,11 @@ class PrefillScheduler(SchedulerLoop):
         chunks = sum(1 for job, start, n in rows if not (start == job.cached and start + n == len(job.req.prompt_ids)))
         if chunks:
             self.metrics.prefill_chunks.labels(self.role.value).inc(chunks)
+        if self.engine.cp is not None:
+            if result.cp_refusal is None:
+                self.metrics.cp_batches.labels(self.role.value).inc()
+            else:
+                self.metrics.cp_fallbacks.labels(self.role.value, result.cp_refusal).inc()
         if result.sample is not None:
             self._sampled([rows[i][0] for i in result.sampled], result.sample, t1 - t0)
 

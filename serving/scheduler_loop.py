@@ -92,7 +92,8 @@ class SchedulerLoop:
         cfg = self.engine.model_config
         return {
             "role": self.role.value,
-            "tp_size": self.sync.size,
+            "tp_size": self.engine.cfg.tp_size,
+            "cp_size": self.engine.cfg.cp_size,
             "architecture": cfg.architecture,
             "num_layers": cfg.num_layers,
             "vocab_size": cfg.vocab_size,
