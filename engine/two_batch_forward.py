@@ -1,0 +1,124 @@
+"""Two-batch overlap (TBO) on one rank: the two child batches of a `TwoBatchPlan`, and their forward.
+
+Contract:
+
+* `child_batches(batch, plan)` → `(A, B)`, each a `ForwardBatch` or None when that child has no tokens (a
+  DECODE batch of one sequence, or an EXTEND batch of one sequence that is not cut, leaves A empty). The plan
+  must be `engine.two_batch.plan_two_batch` of this batch's own lengths, unpadded (our batches carry no DP pad
+  rows); anything else raises ValueError. Per-token tensors (`input_ids`, `positions`, `out_cache_loc`) are
+  slices (views) of the parent's device tensors over the child's token range: nothing on the device is read
+  back. The host lists come from the plan (rebased `prefix_lens` and `extend_lens`; the cut sequence's part in B
+  has A's part as extra prefix) and the parent's page tables of the child's sequences. `last_token_indices`
+  index the child's own rows (A's last row of a cut sequence is where A's part ends, not a sampling point).
+  Mode: a DECODE parent gives DECODE children; an EXTEND/MIXED child keeps the parent's label, except that a
+  child whose rows are all length 1 is DECODE, as `ForwardBatch.build` labels such a batch whatever it was
+  asked for (the shape picks the kernels; the decode path is valid for any prefix, including none).
+* `run_two_batch(runner, batch, plan)` → the logits of the unsplit forward: `[B, V]` at each parent sequence's
+  last token, in parent order (`[T, V]` over every row with `all_tokens`), and the same KV written to the pool.
+  A sequence's last token lies in exactly one child; for the cut sequence that is B, so A's partial row of it is
+  never put through the LM head. Sampling stays with the caller, on the parent.
+
+Why A then B at each layer is right: every token's hidden state at layer l+1 depends only on layer-l states
+of its own sequence at positions ≤ its own (causal attention; every other op is per token). A child holds
+whole sequences, except the cut sequence whose first part is A's last and whose rest is B's first. So the only
+edge between the children is that B's part of the cut sequence attends, at layer l, to the K/V of A's part at
+layer l, which it reads from the pool as cached prefix, like a chunked-prefill continuation. A's attention at
+layer l stores that K/V before it attends, so running A's layer l before B's layer l, on one stream, satisfies
+the dependency by program order (the "latent dependency" of tbo_cp.md §2.2); B must never run ahead of A in a
+layer. Nothing flows from B to A. The overlapped executor (issue 15, item 3) keeps this order at a finer grain.
+Running A's layers over the pool is otherwise the same computation as the parent's rows over the same positions,
+so logits and KV equal the unsplit forward's up to float reassociation from the different row counts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.batch import ForwardBatch, ForwardMode
+from engine.device import to_device
+from engine.model_runner import LayerwiseForward, ModelRunner
+from engine.two_batch import ChildPlan, TwoBatchPlan
+
+
+def _check_plan(batch: ForwardBatch, plan: TwoBatchPlan) -> None:
+    """ValueError unless `plan` splits exactly this batch's sequences and tokens, without padding."""
+    a, b = plan.children
+    if plan.num_rows != batch.num_tokens or plan.num_tokens != batch.num_tokens:
+        raise ValueError(f"plan for {plan.num_rows} rows, batch of {batch.num_tokens} tokens (no pad rows here)")
+    if any(c.padded_len != c.num_rows for c in plan.children):
+        raise ValueError("child padding (attention-TP) is not supported by the single-rank two-batch forward")
+    extend = [*a.extend_lens, *b.extend_lens]
+    prefix = [*a.prefix_lens, *b.prefix_lens]
+    if plan.cut_seq is not None:  # glue the cut sequence back together: A's part + B's part, A's prefix
+        s = plan.cut_seq
+        extend[s] += extend.pop(s + 1)
+        prefix.pop(s + 1)
+    if extend != batch.extend_lens or prefix != batch.prefix_lens:
+        raise ValueError(
+            f"plan of extend {extend} / prefix {prefix} does not split this batch "
+            f"(extend {batch.extend_lens} / prefix {batch.prefix_lens})"
+        )
+
+
+def _child_mode(parent: ForwardMode, extend_lens: tuple[int, ...]) -> ForwardMode:
+    # As ForwardBatch.build: all rows of length 1 is a DECODE batch whatever the label.
+    return ForwardMode.DECODE if all(n == 1 for n in extend_lens) else parent
+
+
+def _child(batch: ForwardBatch, c: ChildPlan) -> ForwardBatch | None:
+    if c.is_empty:
+        return None
+    if min(c.extend_lens) < 1:
+        raise ValueError(f"child sequences need at least one token each, got extend lengths {c.extend_lens}")
+    rows = slice(c.token_start, c.token_end)
+    last = [start + n - 1 for start, n in zip(c.extend_start_loc, c.extend_lens, strict=True)]
+    return ForwardBatch(
+        mode=_child_mode(batch.mode, c.extend_lens),
+        input_ids=batch.input_ids[rows],
+        positions=batch.positions[rows],
+        out_cache_loc=batch.out_cache_loc[rows],
+        prefix_lens=list(c.prefix_lens),
+        extend_lens=list(c.extend_lens),
+        page_tables=[list(p) for p in batch.page_tables[c.seq_start : c.seq_end]],
+        page_size=batch.page_size,
+        last_token_indices=to_device(last, torch.int64, batch.device),  # host lists → one non-blocking copy
+    )
+
+
+def child_batches(batch: ForwardBatch, plan: TwoBatchPlan) -> tuple[ForwardBatch | None, ForwardBatch | None]:
+    """The children A and B of `batch` cut by `plan` (see the module docstring); None for an empty child."""
+    _check_plan(batch, plan)
+    a, b = plan.children
+    return _child(batch, a), _child(batch, b)
+
+
+def run_two_batch(
+    runner: ModelRunner, batch: ForwardBatch, plan: TwoBatchPlan, all_tokens: bool = False
+) -> torch.Tensor:
+    """The forward of `batch` as its two children, A's layer l then B's layer l for every layer (sequential: no
+    overlap yet). Returns what `runner.forward(batch, all_tokens)` returns, and writes the same KV."""
+    if runner.cp is not None:
+        raise ValueError("two-batch overlap does not run on a context-parallel runner")
+    child_a, child_b = child_batches(batch, plan)
+    forwards: list[LayerwiseForward | None] = [
+        None if c is None else runner.start_forward(c) for c in (child_a, child_b)
+    ]
+    live = [f for f in forwards if f is not None]
+    # The backend's metadata is per batch: each run_layers re-prepares it for its child (LayerwiseForward does).
+    for layer in range(runner.num_layers):
+        for f in live:  # A before B: B's cut part reads the K/V that A's part stored at this layer
+            f.run_layers(layer, layer + 1)
+    fa, fb = forwards
+    with torch.inference_mode():
+        if all_tokens:  # A's rows then B's: parent order, since A = [0, split) and B = [split, T)
+            rows = torch.cat([f.hidden for f in live])
+        else:
+            parts = []
+            if fa is not None:
+                # A's own sequences end in A; a cut sequence (A's last) ends in B
+                own = plan.children[0].batch_size - (0 if plan.cut_seq is None else 1)
+                parts.append(fa.hidden[fa.batch.last_token_indices[:own]])
+            if fb is not None:
+                parts.append(fb.hidden[fb.batch.last_token_indices])
+            rows = torch.cat(parts)
+        return runner.model.logits(rows)
