@@ -260,7 +260,7 @@ class Engine:
             results = [(scheduled, self._run(scheduled))]
         except Exception as e:
             if self.tp.size > 1:
-                raise TPStepError(f"tensor-parallel rank {self.tp.rank}: {_forward_error(e)}") from e
+                raise TPStepError(f"rank {self.tp.rank} of {self.tp.size}: {_forward_error(e)}") from e
             if len(reqs) == 1:
                 log.exception("request %s failed in the forward", reqs[0].rid)
                 self.fail(reqs[0], _forward_error(e))
