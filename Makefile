@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= builtin:tiny-llama
 
-.PHONY: setup run test lint bench
+.PHONY: setup run test test-all lint bench
 
 setup:
 	@bash scripts/setup.sh
@@ -19,6 +19,11 @@ run: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# every test, the slow ones too (tests marked slow are left out of `make test`, which CI runs)
+test-all: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

@@ -240,6 +240,7 @@ def footprint(stack: Stack) -> dict[str, tuple[int, int]]:
     return {p.name: (p.rss_bytes(), fds[p.name]) for p in stack.procs}
 
 
+@pytest.mark.slow  # ~100 s: in `make test-all`, not in CI
 def test_a_second_soak_grows_nothing(stack: Stack) -> None:
     sizes = []
     for _ in range(3):  # the first one warms up (allocator pools, connection pools, compiled paths)
