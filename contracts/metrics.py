@@ -161,6 +161,8 @@ class Metrics:
     prefill_chunks: Counter  # pdserve_prefill_chunks_total{role}
     cp_batches: Counter  # pdserve_cp_batches_total{role}
     cp_fallbacks: Counter  # pdserve_cp_fallbacks_total{role,reason}
+    tbo_steps: Counter  # pdserve_tbo_steps_total{role}
+    tbo_two_chunk_steps: Counter  # pdserve_tbo_two_chunk_steps_total{role}
     router_cache_aware: Counter  # pdserve_router_cache_aware_total{decision}
 
 
@@ -374,6 +376,13 @@ def _build(multiproc: bool) -> Metrics:
             "Prefill batches a context-parallel server ran whole on every rank, by reason: short_sequence (a prompt "
             "with under 2 x cp new tokens), mode (not a pure prefill).",
             ["role", "reason"],
+            registry=reg,
+        ),
+        tbo_steps=Counter("pdserve_tbo_steps", "Forwards run as two overlapped micro-batches.", ["role"], registry=reg),
+        tbo_two_chunk_steps=Counter(
+            "pdserve_tbo_two_chunk_steps",
+            "Two-batch-overlap forwards whose split cut one sequence across both micro-batches.",
+            ["role"],
             registry=reg,
         ),
         router_cache_aware=Counter(

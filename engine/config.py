@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from engine.two_batch import check_threshold
+
 # architecture name in config.json -> model family
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -210,6 +212,13 @@ class EngineConfig:
     # share of every eligible prefill batch. Not combined with tp_size > 1.
     cp_size: int = 1
     dist_timeout_s: float = 120.0  # a collective waiting longer for a peer fails (a dead or hung rank)
+    # Two-batch overlap (engine/two_batch_forward.py): a batch runs as two micro-batches whose stages interleave, so
+    # one's all-reduce is in flight while the other computes. The threshold: below this share of the tokens on a
+    # side, the sequence-boundary split gives way to the two-chunk split (0 never cuts a sequence; at most 0.5).
+    enable_two_batch_overlap: bool = False
+    tbo_token_distribution_threshold: float = 0.48
+    # Benchmarking aid, off by default: every model all-reduce completes no sooner than this after its launch
+    emulated_collective_latency_ms: float = 0.0
     # Admission (engine/headroom.py): "need" admits by current need plus an estimate of further output and retracts
     # under pressure; "worst_case" reserves prompt + max_new_tokens up front and never retracts.
     admission_policy: str = "need"
@@ -237,17 +246,7 @@ class EngineConfig:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
         if self.num_pages is not None and self.num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
-        if isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int) or self.tp_size < 1:
-            raise ValueError(f"tp_size must be an integer >= 1, got {self.tp_size!r}")
-        if isinstance(self.cp_size, bool) or not isinstance(self.cp_size, int) or self.cp_size < 1:
-            raise ValueError(f"cp_size must be an integer >= 1, got {self.cp_size!r}")
-        if self.cp_size > 1 and self.tp_size > 1:
-            raise ValueError(
-                f"cp_size {self.cp_size} with tp_size {self.tp_size}: context and tensor parallelism do not combine "
-                "yet; use one of them (--cp-size N with --tp-size 1, or --tp-size N with --cp-size 1)"
-            )
-        if not self.dist_timeout_s > 0 or self.dist_timeout_s == float("inf"):
-            raise ValueError(f"dist_timeout_s must be a finite number of seconds > 0, got {self.dist_timeout_s}")
+        self._validate_parallel()
         self._validate_scheduling()
         if self.dtype is not None:
             parse_dtype(self.dtype)
@@ -256,6 +255,24 @@ class EngineConfig:
     def world_size(self) -> int:
         """Processes (ranks) one engine runs on: its TP ranks, or its CP ranks."""
         return self.tp_size * self.cp_size
+
+    def _validate_parallel(self) -> None:
+        for name in ("tp_size", "cp_size"):
+            n = getattr(self, name)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+        if self.cp_size > 1 and self.tp_size > 1:
+            raise ValueError(
+                f"cp_size {self.cp_size} with tp_size {self.tp_size}: context and tensor parallelism do not combine "
+                "yet; use one of them (--cp-size N with --tp-size 1, or --tp-size N with --cp-size 1)"
+            )
+        if self.cp_size > 1 and self.enable_two_batch_overlap:
+            raise ValueError("two-batch overlap does not run with context parallelism: drop one of them")
+        check_threshold(self.tbo_token_distribution_threshold)
+        if not 0.0 <= self.emulated_collective_latency_ms < float("inf"):
+            raise ValueError(f"emulated_collective_latency_ms must be >= 0, got {self.emulated_collective_latency_ms}")
+        if not self.dist_timeout_s > 0 or self.dist_timeout_s == float("inf"):
+            raise ValueError(f"dist_timeout_s must be a finite number of seconds > 0, got {self.dist_timeout_s}")
 
     def _validate_scheduling(self) -> None:
         if self.admission_policy not in ("need", "worst_case"):

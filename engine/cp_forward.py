@@ -73,6 +73,10 @@ class ContextParallelAttention(AttentionBackend):
         self.batch = batch
         self.inner.prepare(batch)
 
+    def activate(self, batch: ForwardBatch) -> None:
+        self.batch = batch
+        self.inner.activate(batch)
+
     def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         # one collective per layer: K and V side by side, each rank's rows padded to the largest share
         mine = torch.cat([k, v], dim=-1)

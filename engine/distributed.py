@@ -40,6 +40,22 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 1800.0  # rendezvous and weight loading: ranks start and load at different speeds
 
 
+class PendingReduce:
+    """An all-reduce in flight (`TPGroup.all_reduce_async`)."""
+
+    def __init__(self, t: torch.Tensor, work: Any, ready_at: float) -> None:
+        self._t, self._work, self._ready_at = t, work, ready_at
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        if self._ready_at:  # the emulated interconnect: sleep out what is left of its latency
+            time.sleep(max(0.0, self._ready_at - time.monotonic()))
+            self._ready_at = 0.0
+        return self._t
+
+
 class TPGroup:
     """One rank's view of its tensor-parallel group (see the module docstring)."""
 
@@ -58,6 +74,9 @@ class TPGroup:
         self.timeout_s = timeout_s
         self._group = group  # model collectives (device tensors)
         self._control = control  # control data (CPU tensors, gloo)
+        # Benchmarking aid, off by default: every model all-reduce completes no sooner than this many seconds after
+        # it was launched (waiting sleeps, burning no CPU), as on a slower interconnect than loopback.
+        self.emulated_latency_s = 0.0
 
     @classmethod
     def single(cls, device: torch.device | str) -> TPGroup:
@@ -70,9 +89,16 @@ class TPGroup:
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` over the ranks, in place; returns `t`."""
-        if self.size > 1:
-            dist.all_reduce(t, group=self._group)
-        return t
+        return self.all_reduce_async(t).wait()
+
+    def all_reduce_async(self, t: torch.Tensor) -> PendingReduce:
+        """Launch the in-place sum of `t` over the ranks; `.wait()` returns `t` once it is complete. Two-batch
+        overlap launches one micro-batch's reduce and computes the other's stage before waiting for it."""
+        if self.size == 1:
+            return PendingReduce(t, None, 0.0)
+        work = dist.all_reduce(t, group=self._group, async_op=True)
+        ready = time.monotonic() + self.emulated_latency_s if self.emulated_latency_s else 0.0
+        return PendingReduce(t, work, ready)
 
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Every rank's `t` (same shape on every rank), concatenated along `dim` in rank order."""
@@ -260,6 +286,7 @@ class FollowerWatch:
 __all__ = [
     "STARTUP_TIMEOUT_S",
     "FollowerWatch",
+    "PendingReduce",
     "TPGroup",
     "free_port",
     "init_address",

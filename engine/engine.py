@@ -90,7 +90,7 @@ class Engine:
             if cfg.world_size > 1:
                 raise ValueError(
                     f"tp_size {cfg.tp_size} x cp_size {cfg.cp_size} runs one process per rank: give each rank's "
-                    "Engine its group (engine.distributed.init_tp_group), as `pdserve generate --tp-size` does"
+                    "Engine its TPGroup (engine.distributed.init_tp_group), as `pdserve generate --tp-size` does"
                 )
             tp = TPGroup.single(resolve_device(cfg.device))
         elif tp.size != cfg.world_size:
@@ -127,6 +127,9 @@ class Engine:
             (budget,) = tp.agree_min([kv_budget_bytes(cfg, self.device)])
             self.pool = KVPool.for_budget(layout, budget, self.device)
         self.runner = ModelRunner(self.model, self.pool, cfg.attention_backend, cp=self.cp)
+        if cfg.enable_two_batch_overlap:
+            self.runner.tbo_threshold = cfg.tbo_token_distribution_threshold
+        tp.emulated_latency_s = cfg.emulated_collective_latency_ms / 1000
         headroom = HeadroomEstimator(cfg.admission_policy, cfg.init_headroom_ratio, cfg.min_headroom_ratio)  # type: ignore[arg-type]
         self.scheduler = Scheduler(
             self.pool.allocator,

@@ -15,15 +15,19 @@ from collections.abc import Callable
 import torch
 
 from engine.attention import AttentionBackend, create_attention_backend
-from engine.batch import ForwardBatch
+from engine.batch import ForwardBatch, ForwardMode
 from engine.context_parallel import split_refusal
 from engine.cp_forward import ContextParallelStep
 from engine.cuda_graph import CapturedGraph, GraphRunner, capture_sizes
 from engine.distributed import TPGroup
 from engine.kvcache import KVPool
 from engine.models import LlamaFamilyModel
+from engine.two_batch import plan_two_batch
+from engine.two_batch_forward import OverlappedForward
 
 log = logging.getLogger(__name__)
+
+_TBO_MODES = (ForwardMode.EXTEND, ForwardMode.MIXED, ForwardMode.DECODE)
 
 
 class LayerwiseForward:
@@ -58,12 +62,16 @@ class LayerwiseForward:
     def run_layers(self, start: int, end: int) -> None:
         if start != self.next_layer:
             raise ValueError(f"layer ranges must be consecutive: expected start {self.next_layer}, got {start}")
-        # The backend's per-batch metadata is shared; another batch may have prepared it in between.
-        if self.runner.attn.batch is not self.run_batch:
-            self.attn.prepare(self.run_batch)
         with torch.inference_mode():
-            self.hidden = self.runner.model.run_layers(self.hidden, self.rope, start, end, self.attn)
+            self.hidden = self.runner.model.run_layers(self.hidden, self.rope, start, end, self.attention())
         self.next_layer = end
+
+    def attention(self) -> AttentionBackend:
+        """The backend, holding this forward's metadata: it is shared, and another batch (the other micro-batch of
+        a two-batch overlap, a batch started meanwhile) may have prepared it since."""
+        if self.runner.attn.batch is not self.run_batch:
+            self.attn.activate(self.run_batch)
+        return self.attn
 
     def logits(self, all_tokens: bool = False) -> torch.Tensor:
         """[B, V] float32 logits at each request's last token ([T, V] with all_tokens)."""
@@ -86,6 +94,10 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.cp = cp if cp is not None and cp.size > 1 else None
+        # Two-batch overlap (engine/two_batch_forward.py): the token-distribution threshold when on, None when off
+        self.tbo_threshold: float | None = None
+        self.tbo_steps = 0  # forwards run as two overlapped micro-batches, and of those, with a two-chunk split
+        self.two_chunk_steps = 0
         self.config = model.config
         self.device = pool.device
         self.attn: AttentionBackend = create_attention_backend(
@@ -106,7 +118,15 @@ class ModelRunner:
     ) -> ForwardBatch:
         return ForwardBatch.build(new_tokens, prefix_lens, page_tables, self.pool.page_size, self.device, mixed)
 
-    def start_forward(self, batch: ForwardBatch) -> LayerwiseForward:
+    def start_forward(self, batch: ForwardBatch, split: bool = True) -> LayerwiseForward | OverlappedForward:
+        """The batch's forward: as two overlapped micro-batches where two-batch overlap is on and the batch splits
+        (`split=False`: never, the micro-batches' own forwards), else whole (context-parallel where eligible)."""
+        if split and self.tbo_threshold is not None and self.cp is None and batch.mode in _TBO_MODES:
+            plan = plan_two_batch(batch.mode.value, batch.prefix_lens, batch.extend_lens, self.tbo_threshold)
+            if not any(c.is_empty for c in plan.children):
+                self.tbo_steps += 1
+                self.two_chunk_steps += plan.split.two_chunk
+                return OverlappedForward(self, batch, plan)
         return LayerwiseForward(self, batch)
 
     def forward(self, batch: ForwardBatch, all_tokens: bool = False) -> torch.Tensor:

@@ -25,19 +25,23 @@ edge between the children is that B's part of the cut sequence attends, at layer
 layer l, which it reads from the pool as cached prefix, like a chunked-prefill continuation. A's attention at
 layer l stores that K/V before it attends, so running A's layer l before B's layer l, on one stream, satisfies
 the dependency by program order (the "latent dependency" of tbo_cp.md §2.2); B must never run ahead of A in a
-layer. Nothing flows from B to A. The overlapped executor (issue 15, item 3) keeps this order at a finer grain.
+layer. Nothing flows from B to A. The overlapped executor (`OverlappedForward`) keeps this order stage by stage.
 Running A's layers over the pool is otherwise the same computation as the parent's rows over the same positions,
 so logits and KV equal the unsplit forward's up to float reassociation from the different row counts.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from engine.batch import ForwardBatch, ForwardMode
 from engine.device import to_device
-from engine.model_runner import LayerwiseForward, ModelRunner
 from engine.two_batch import ChildPlan, TwoBatchPlan
+
+if TYPE_CHECKING:
+    from engine.model_runner import LayerwiseForward, ModelRunner
 
 
 def _check_plan(batch: ForwardBatch, plan: TwoBatchPlan) -> None:
@@ -92,33 +96,76 @@ def child_batches(batch: ForwardBatch, plan: TwoBatchPlan) -> tuple[ForwardBatch
     return _child(batch, a), _child(batch, b)
 
 
+class OverlappedForward:
+    """A batch's forward as two micro-batches whose stages interleave (issue 15, item 3); the same interface as
+    `LayerwiseForward` (`run_layers`, `logits`, `done`), so every caller runs it unchanged.
+
+    Each child runs `LlamaFamilyModel.layer_stages`, which yields while a row-parallel all-reduce is in flight.
+    The executor runs A's stage, then B's, then A's next: B's attention and MLP compute while A's reduce is on the
+    wire and the other way round (delta 0, for prefill and decode alike). A's attention at layer l always runs
+    before B's (the cut sequence's dependency, module docstring)."""
+
+    cp = None  # never context-parallel (ModelRunner does not combine them)
+    cp_refusal: str | None = None
+
+    def __init__(self, runner: ModelRunner, batch: ForwardBatch, plan: TwoBatchPlan) -> None:
+        self.runner = runner
+        self.batch = batch
+        self.plan = plan
+        child_a, child_b = child_batches(batch, plan)
+        self.forwards: list[LayerwiseForward | None] = [
+            None if c is None else runner.start_forward(c, split=False) for c in (child_a, child_b)
+        ]
+        self.next_layer = 0
+
+    @property
+    def done(self) -> bool:
+        return self.next_layer == self.runner.num_layers
+
+    def run_layers(self, start: int, end: int) -> None:
+        if start != self.next_layer:
+            raise ValueError(f"layer ranges must be consecutive: expected start {self.next_layer}, got {start}")
+        live = [f for f in self.forwards if f is not None]
+        stages = [self.runner.model.layer_stages(f.hidden, f.rope, start, end, f.attention) for f in live]
+        running = list(range(len(live)))
+        with torch.inference_mode():
+            while running:
+                for i in list(running):  # A's stage, then B's: program order keeps A's layer ahead of B's
+                    try:
+                        next(stages[i])
+                    except StopIteration as finished:
+                        live[i].hidden, live[i].next_layer = finished.value, end
+                        running.remove(i)
+        self.next_layer = end
+
+    def logits(self, all_tokens: bool = False) -> torch.Tensor:
+        """What `LayerwiseForward.logits` gives for the unsplit batch, in parent order."""
+        if not self.done:
+            raise ValueError(f"logits need all {self.runner.num_layers} layers; ran {self.next_layer}")
+        fa, fb = self.forwards
+        live = [f for f in self.forwards if f is not None]
+        with torch.inference_mode():
+            if all_tokens:  # A's rows then B's: parent order, since A = [0, split) and B = [split, T)
+                rows = torch.cat([f.hidden for f in live])
+            else:
+                parts = []
+                if fa is not None:
+                    # A's own sequences end in A; a cut sequence (A's last) ends in B
+                    own = self.plan.children[0].batch_size - (0 if self.plan.cut_seq is None else 1)
+                    parts.append(fa.hidden[fa.batch.last_token_indices[:own]])
+                if fb is not None:
+                    parts.append(fb.hidden[fb.batch.last_token_indices])
+                rows = torch.cat(parts)
+            return self.runner.model.logits(rows)
+
+
 def run_two_batch(
     runner: ModelRunner, batch: ForwardBatch, plan: TwoBatchPlan, all_tokens: bool = False
 ) -> torch.Tensor:
-    """The forward of `batch` as its two children, A's layer l then B's layer l for every layer (sequential: no
-    overlap yet). Returns what `runner.forward(batch, all_tokens)` returns, and writes the same KV."""
+    """The forward of `batch` as its two children, overlapped stage by stage. Returns what
+    `runner.forward(batch, all_tokens)` returns, and writes the same KV."""
     if runner.cp is not None:
         raise ValueError("two-batch overlap does not run on a context-parallel runner")
-    child_a, child_b = child_batches(batch, plan)
-    forwards: list[LayerwiseForward | None] = [
-        None if c is None else runner.start_forward(c) for c in (child_a, child_b)
-    ]
-    live = [f for f in forwards if f is not None]
-    # The backend's metadata is per batch: each run_layers re-prepares it for its child (LayerwiseForward does).
-    for layer in range(runner.num_layers):
-        for f in live:  # A before B: B's cut part reads the K/V that A's part stored at this layer
-            f.run_layers(layer, layer + 1)
-    fa, fb = forwards
-    with torch.inference_mode():
-        if all_tokens:  # A's rows then B's: parent order, since A = [0, split) and B = [split, T)
-            rows = torch.cat([f.hidden for f in live])
-        else:
-            parts = []
-            if fa is not None:
-                # A's own sequences end in A; a cut sequence (A's last) ends in B
-                own = plan.children[0].batch_size - (0 if plan.cut_seq is None else 1)
-                parts.append(fa.hidden[fa.batch.last_token_indices[:own]])
-            if fb is not None:
-                parts.append(fb.hidden[fb.batch.last_token_indices])
-            rows = torch.cat(parts)
-        return runner.model.logits(rows)
+    fwd = OverlappedForward(runner, batch, plan)
+    fwd.run_layers(0, runner.num_layers)
+    return fwd.logits(all_tokens)

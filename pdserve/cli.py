@@ -87,6 +87,28 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="tensor-parallel ranks: one process and one GPU each (PDSERVE_TP_SIZE)",
     )
     p.add_argument(
+        "--enable-two-batch-overlap",
+        action="store_true",
+        default=env("ENABLE_TWO_BATCH_OVERLAP", "0").lower() in ("1", "true", "yes", "on"),
+        help="run each batch as two micro-batches whose layers interleave, so one's all-reduce is in flight while "
+        "the other computes (pays with --tp-size > 1) (PDSERVE_ENABLE_TWO_BATCH_OVERLAP)",
+    )
+    p.add_argument(
+        "--tbo-token-distribution-threshold",
+        type=float,
+        default=float(env("TBO_TOKEN_DISTRIBUTION_THRESHOLD", str(d.tbo_token_distribution_threshold))),
+        help="two-batch overlap: when the best split at a sequence boundary leaves a side less than this share of "
+        "the tokens, cut one sequence across both micro-batches instead (two-chunk); 0 never cuts, at most 0.5 "
+        "(PDSERVE_TBO_TOKEN_DISTRIBUTION_THRESHOLD)",
+    )
+    p.add_argument(
+        "--emulated-collective-latency-ms",
+        type=float,
+        default=float(env("EMULATED_COLLECTIVE_LATENCY_MS", "0")),
+        help="benchmarking aid: every model all-reduce completes no sooner than this after its launch, as on a "
+        "slower interconnect than loopback; 0 (default) is off (PDSERVE_EMULATED_COLLECTIVE_LATENCY_MS)",
+    )
+    p.add_argument(
         "--dist-timeout",
         type=float,
         default=float(env("DIST_TIMEOUT", str(d.dist_timeout_s))),
@@ -112,6 +134,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         tp_size=args.tp_size,
         cp_size=getattr(args, "cp_size", 1),  # prefill and generate only
         dist_timeout_s=args.dist_timeout,
+        enable_two_batch_overlap=args.enable_two_batch_overlap,
+        tbo_token_distribution_threshold=args.tbo_token_distribution_threshold,
+        emulated_collective_latency_ms=args.emulated_collective_latency_ms,
         admission_policy=args.admission_policy,
         init_headroom_ratio=args.init_headroom_ratio,
         min_headroom_ratio=args.min_headroom_ratio,
@@ -370,9 +395,12 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
            "--init-headroom-ratio", str(args.init_headroom_ratio),
            "--min-headroom-ratio", str(args.min_headroom_ratio),
            "--mixed-chunk-size", str(args.mixed_chunk_size),
-           "--chunked-prefill-size", str(args.chunked_prefill_size)]  # fmt: skip
+           "--chunked-prefill-size", str(args.chunked_prefill_size),
+           "--tbo-token-distribution-threshold", str(args.tbo_token_distribution_threshold),
+           "--emulated-collective-latency-ms", str(args.emulated_collective_latency_ms)]  # fmt: skip
     out += [flag for flag, on in (("--disable-cuda-graph", args.disable_cuda_graph),
-                                  ("--skip-warmup", args.skip_warmup)) if on]  # fmt: skip
+                                  ("--skip-warmup", args.skip_warmup),
+                                  ("--enable-two-batch-overlap", args.enable_two_batch_overlap)) if on]  # fmt: skip
     for flag, value in (("--dtype", args.dtype), ("--kv-cache-gb", args.kv_cache_gb),
                         ("--kv-pages", args.kv_pages), ("--context-length", args.context_length)):  # fmt: skip
         if value is not None:

@@ -61,6 +61,10 @@ class SchedulerLoop:
         self.sync = RankSync(engine.tp)
         self.metrics = get_metrics() if self.sync.leader else _NullMetrics()
         self.reaper = PageReaper(engine.pool.allocator, self.metrics, self.role)  # type: ignore[arg-type]
+        self._tbo_counted = (engine.runner.tbo_steps, engine.runner.two_chunk_steps)  # warm-up's not counted
+        if engine.runner.tbo_threshold is not None:
+            for counter in (self.metrics.tbo_steps, self.metrics.tbo_two_chunk_steps):
+                counter.labels(self.role.value)  # exported from 0
         self._ctx = zmq.Context()
         self._in = self._ctx.socket(zmq.PULL)
         self._out = self._ctx.socket(zmq.PUSH)
@@ -137,12 +141,22 @@ class SchedulerLoop:
                     "%s scheduler rank %d: stopping the server after a failed step", self.role.value, self.sync.rank
                 )
                 raise
+        self._count_overlap()
         now = time.monotonic()
         if self.sync.leader and now - self._last_stats >= _STATS_EVERY_S:
             self._last_stats = now
             self.send(self.stats())
         if not worked and self.sync.leader:  # the other ranks wait in the next turn's broadcast
             self._poller.poll(self._idle_wait_ms)
+
+    def _count_overlap(self) -> None:
+        """Export the forwards the runner ran as two overlapped micro-batches since the last turn (with two-chunk)."""
+        runner, role = self.engine.runner, self.role.value
+        steps, two_chunk = runner.tbo_steps, runner.two_chunk_steps
+        if steps != self._tbo_counted[0]:
+            self.metrics.tbo_steps.labels(role).inc(steps - self._tbo_counted[0])
+            self.metrics.tbo_two_chunk_steps.labels(role).inc(two_chunk - self._tbo_counted[1])
+            self._tbo_counted = (steps, two_chunk)
 
     def close(self) -> None:
         """Close the sockets (the server process simply exits; tests that build a loop call this)."""

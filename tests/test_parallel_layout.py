@@ -181,7 +181,7 @@ def test_engine_needs_its_group_for_several_ranks():
 
     with pytest.raises(ValueError, match="TPGroup"):
         Engine(EngineConfig(tp_size=2, device="cpu"))
-    with pytest.raises(ValueError, match="2 ranks but tp_size is 1"):
+    with pytest.raises(ValueError, match="2 ranks but tp_size x cp_size is 1 x 1"):
         Engine(EngineConfig(device="cpu"), TPGroup(0, 2, CPU))
 
 

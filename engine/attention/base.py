@@ -30,6 +30,11 @@ class AttentionBackend(ABC):
         """Build per-batch metadata once, from the batch's host lists (no device reads); every layer of the
         forward then reuses it."""
 
+    def activate(self, batch: ForwardBatch) -> None:
+        """Make `batch`, prepared before, the one the next layers run (two micro-batches take turns). By default
+        it prepares again; a backend whose metadata lives on the batch just switches to it."""
+        self.prepare(batch)
+
     def prepare_graph(self, batch: ForwardBatch, graph_batch_size: int) -> None:
         """Like `prepare`, for a decode batch padded to `graph_batch_size` rows that runs inside that bucket's
         captured graph: the metadata must go into the buffers the graph was captured with."""

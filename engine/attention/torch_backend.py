@@ -35,6 +35,12 @@ class TorchAttention(AttentionBackend):
         else:
             batch.attn_metadata = self._prepare_extend(batch)
 
+    def activate(self, batch: ForwardBatch) -> None:
+        if batch.attn_metadata is None:
+            self.prepare(batch)
+        else:  # everything it needs is on the batch
+            self.batch = batch
+
     def prepare_graph(self, batch: ForwardBatch, graph_batch_size: int) -> None:
         # Never captured for real (`supports_cuda_graph` is False: its decode metadata changes shape with the
         # longest sequence); this lets the graph runner's padding run on CPU with an eager stand-in graph.

@@ -13,13 +13,15 @@ float32 logits on every rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.attention.base import AttentionBackend
 from engine.config import ModelConfig
-from engine.distributed import TPGroup
+from engine.distributed import PendingReduce, TPGroup
 from engine.models.parallel_layers import RowParallelLinear, VocabParallelEmbedding, vocab_parallel_logits
 from engine.models.rope import RopeTables, RotaryEmbedding, apply_rope
 from engine.parallel import kv_head_range
@@ -53,13 +55,19 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(self.q_size, cfg.hidden_size, cfg.o_bias, tp)
 
     def forward(self, x: torch.Tensor, rope: RopeTables, attn: AttentionBackend) -> torch.Tensor:
+        return self.o_proj(self._attend(x, rope, attn))
+
+    def launch(self, x: torch.Tensor, rope: RopeTables, attn: AttentionBackend) -> PendingReduce:
+        """`forward` up to the o_proj all-reduce, which is left in flight; `o_proj.finish(pending.wait())` ends it."""
+        return self.o_proj.launch(self._attend(x, rope, attn))
+
+    def _attend(self, x: torch.Tensor, rope: RopeTables, attn: AttentionBackend) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(rope, q, k)
-        out = attn.forward(self.layer, q, k, v)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return attn.forward(self.layer, q, k, v).reshape(-1, self.q_size)
 
 
 class MLP(nn.Module):
@@ -70,8 +78,15 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, cfg.mlp_bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self._act(x))
+
+    def launch(self, x: torch.Tensor) -> PendingReduce:
+        """`forward` up to the down_proj all-reduce, left in flight."""
+        return self.down_proj.launch(self._act(x))
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -128,6 +143,24 @@ class LlamaFamilyModel(nn.Module):
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.num_layers})")
         for layer in self.layers[start:end]:
             hidden = layer(hidden, rope, attn)
+        return hidden
+
+    def layer_stages(
+        self, hidden: torch.Tensor, rope: RopeTables, start: int, end: int, attn: Callable[[], AttentionBackend]
+    ) -> Generator[None, None, torch.Tensor]:
+        """`run_layers` as stages for two-batch overlap: it yields while a row-parallel all-reduce (o_proj, then
+        down_proj) is in flight, so the other micro-batch's stage runs before this one waits for it; the
+        generator's value is the hidden state after layer `end - 1`. `attn()` gives the backend, prepared for this
+        micro-batch, just before each attention. The same operations in the same order as `run_layers`."""
+        if not 0 <= start <= end <= self.num_layers:
+            raise ValueError(f"layer range [{start}, {end}) outside [0, {self.num_layers})")
+        for layer in self.layers[start:end]:
+            pending = layer.self_attn.launch(layer.input_layernorm(hidden), rope, attn())
+            yield
+            hidden = hidden + layer.self_attn.o_proj.finish(pending.wait())
+            pending = layer.mlp.launch(layer.post_attention_layernorm(hidden))
+            yield
+            hidden = hidden + layer.mlp.down_proj.finish(pending.wait())
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import TPGroup
+from engine.distributed import PendingReduce, TPGroup
 from engine.parallel import padded_vocab
 
 
@@ -34,8 +34,15 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return F.linear(x, self.weight, self.bias)
-        out = self.tp.all_reduce_(F.linear(x, self.weight))
-        return out if self.bias is None else out + self.bias
+        return self.finish(self.launch(x).wait())
+
+    def launch(self, x: torch.Tensor) -> PendingReduce:
+        """This rank's partial product with its all-reduce launched (two-batch overlap waits for it later)."""
+        return self.tp.all_reduce_async(F.linear(x, self.weight))
+
+    def finish(self, reduced: torch.Tensor) -> torch.Tensor:
+        """The layer's output from the reduced partial sums: the bias, added once."""
+        return reduced if self.bias is None else reduced + self.bias
 
 
 def vocab_shard(vocab_size: int, tp: TPGroup) -> tuple[int, int, int]:
