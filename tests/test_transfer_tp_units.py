@@ -140,3 +140,13 @@ def test_a_pool_that_does_not_hold_the_ranks_heads_is_refused():
         ValueError, match=r"TP rank 1 of 2 holds KV heads \[2, 4\) of 4, but its KV pool holds \[0, 2\)"
     ):
         check_rank_layout(cfg, pool_of(4, 2, 0))
+
+
+def test_context_parallel_ranks_hold_every_head_and_must_split_the_push():
+    """CP ranks (`full_kv_heads`) hold every head but write only their TP-rank share: a CP size that cannot share
+    the heads like a TP size is refused with the fix."""
+    check_rank_layout(TransferConfig(tp_rank=1, tp_size=2, full_kv_heads=True), pool_of(4, 1, 0))
+    with pytest.raises(ValueError, match="TP rank 1 of 2 holds KV heads"):  # the full pool, but not told so
+        check_rank_layout(TransferConfig(tp_rank=1, tp_size=2), pool_of(4, 1, 0))
+    with pytest.raises(ValueError, match="use a --cp-size that divides 4 or is a multiple of it"):
+        check_rank_layout(TransferConfig(tp_rank=1, tp_size=3, full_kv_heads=True), pool_of(4, 1, 0))
