@@ -130,8 +130,9 @@ def test_scheduler_loop_drops_bad_messages_and_handles_the_next(tmp_path: Path, 
     push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
     push.bind(to_scheduler)  # the front binds both, as in a real server
     pull.bind(from_scheduler)
-    loop = _RecordingLoop(to_scheduler, from_scheduler)
-    try:
+    loop = None
+    try:  # everything inside: a socket left open would hang the context's term() at garbage collection
+        loop = _RecordingLoop(to_scheduler, from_scheduler)
         bad = [BAD["garbage"], BAD["unknown version"], BAD["unknown type"], BAD["wrong type: list of str"]]
         for data in bad:
             push.send(data)
@@ -151,7 +152,8 @@ def test_scheduler_loop_drops_bad_messages_and_handles_the_next(tmp_path: Path, 
         assert pull.poll(5000), "the loop sent no stats"
         assert isinstance(unpack(pull.recv()), SchedulerStats)
     finally:
-        loop.close()
+        if loop is not None:
+            loop.close()
         push.close(linger=0)
         pull.close(linger=0)
         ctx.term()
