@@ -82,23 +82,30 @@ def cp_model(model_factory) -> str:
     return str(model_factory("llama", 43, num_hidden_layers=LAYERS))
 
 
-def test_cp2_shares_give_the_single_rank_logits_and_kv(cp_model: str, tmp_path: Path):
+def run_two_ranks(rank_main, path: str, out_dir: Path, limit_s: float) -> list[dict]:
+    """Run `rank_main(rank, address, path, out_dir)` on two spawned ranks until both finished (within `limit_s`);
+    what each saved to out_dir/rank<r>.pt."""
     import torch.multiprocessing as tmp
 
     from engine.distributed import init_address
-    from engine.engine import Engine
 
-    ctx = tmp.start_processes(_rank_main, (init_address(), cp_model, str(tmp_path)), nprocs=2, join=False,
+    ctx = tmp.start_processes(rank_main, (init_address(), path, str(out_dir)), nprocs=2, join=False,
                               start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + limit_s
     try:
         while not ctx.join(timeout=0.5):
-            assert time.monotonic() < deadline, "the CP ranks did not finish in time"
+            assert time.monotonic() < deadline, "the ranks did not finish in time"
     finally:
         for p in ctx.processes:
             p.kill()
             p.join()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_cp2_shares_give_the_single_rank_logits_and_kv(cp_model: str, tmp_path: Path):
+    from engine.engine import Engine
+
+    ranks = run_two_ranks(_rank_main, cp_model, tmp_path, limit_s=180)
     assert [r["kv_heads"] for r in ranks] == [(0, 2), (0, 2)]  # every CP rank's pool holds every KV head
     single = scenarios(Engine(engine_config(cp_model, 1)))
     for key, ref in single.items():

@@ -14,6 +14,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.sampling import SamplingParams
+from tests.test_cp_engine import run_two_ranks
 
 LAYERS = 3
 # (new tokens, cached prefix, mixed): the split each takes at threshold 0.48
@@ -93,22 +94,9 @@ def tbo_model(model_factory) -> str:
 
 
 def test_tp2_overlap_gives_the_plain_forward_and_exact_generation(tbo_model: str, tmp_path: Path):
-    import torch.multiprocessing as tmp
     import transformers
 
-    from engine.distributed import init_address
-
-    ctx = tmp.start_processes(_rank_main, (init_address(), tbo_model, str(tmp_path)), nprocs=2, join=False,
-                              start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + 240
-    try:
-        while not ctx.join(timeout=0.5):
-            assert time.monotonic() < deadline, "the TP ranks did not finish in time"
-    finally:
-        for p in ctx.processes:
-            p.kill()
-            p.join()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = run_two_ranks(_rank_main, tbo_model, tmp_path, limit_s=240)
     for r in ranks:
         for name in BATCHES:
             plain, overlapped = r[(name, False)], r[(name, True)]
