@@ -28,7 +28,7 @@ class ForwardMode(enum.Enum):
     # Prefill chunks together with running decodes, each decode a length-1 extend on its cached prefix: attention
     # runs it as one ragged extend batch (every backend takes the extend path for anything but DECODE).
     MIXED = "mixed"
-    # IDLE (an empty rank under DP attention) is planned; see DESIGN §6.
+    # An empty rank under DP attention runs no ForwardBatch but an IDLE forward (engine/dp_forward.py).
 
 
 @dataclass
@@ -45,6 +45,10 @@ class ForwardBatch:
     last_token_indices: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
     # Filled by the attention backend's prepare(); reused by every layer of this forward.
     attn_metadata: Any = field(default=None, repr=False)
+    # DP attention (engine/dp_attention.py): the step's plan every rank agreed on, and every rank's rows of this
+    # batch (of this micro-batch, for a child of two-batch overlap), which the MLP gathers
+    dp_plan: Any = field(default=None, repr=False)
+    dp: Any = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:

@@ -211,6 +211,10 @@ class EngineConfig:
     # Context-parallel prefill ranks (engine/cp_forward.py): each holds the whole model and computes its zigzag
     # share of every eligible prefill batch. Not combined with tp_size > 1.
     cp_size: int = 1
+    # DP attention (engine/dp_attention.py): dp_size ranks (= tp_size) each run attention for their own requests
+    # with all heads and their own KV pool and queue; the MLP stays tensor-parallel over the same ranks
+    dp_size: int = 1
+    enable_dp_attention: bool = False
     dist_timeout_s: float = 120.0  # a collective waiting longer for a peer fails (a dead or hung rank)
     # Two-batch overlap (engine/two_batch_forward.py): a batch runs as two micro-batches whose stages interleave, so
     # one's all-reduce is in flight while the other computes. The threshold: below this share of the tokens on a
@@ -256,8 +260,12 @@ class EngineConfig:
         """Processes (ranks) one engine runs on: its TP ranks, or its CP ranks."""
         return self.tp_size * self.cp_size
 
+    @property
+    def dp_attention(self) -> bool:
+        return self.enable_dp_attention and self.dp_size > 1
+
     def _validate_parallel(self) -> None:
-        for name in ("tp_size", "cp_size"):
+        for name in ("tp_size", "cp_size", "dp_size"):
             n = getattr(self, name)
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
@@ -266,6 +274,7 @@ class EngineConfig:
                 f"cp_size {self.cp_size} with tp_size {self.tp_size}: context and tensor parallelism do not combine "
                 "yet; use one of them (--cp-size N with --tp-size 1, or --tp-size N with --cp-size 1)"
             )
+        self._validate_dp()
         if self.cp_size > 1 and self.enable_two_batch_overlap:
             raise ValueError("two-batch overlap does not run with context parallelism: drop one of them")
         check_threshold(self.tbo_token_distribution_threshold)
@@ -273,6 +282,22 @@ class EngineConfig:
             raise ValueError(f"emulated_collective_latency_ms must be >= 0, got {self.emulated_collective_latency_ms}")
         if not self.dist_timeout_s > 0 or self.dist_timeout_s == float("inf"):
             raise ValueError(f"dist_timeout_s must be a finite number of seconds > 0, got {self.dist_timeout_s}")
+
+    def _validate_dp(self) -> None:
+        if self.dp_size > 1 and not self.enable_dp_attention:
+            raise ValueError(
+                f"dp_size {self.dp_size} needs --enable-dp-attention (data-parallel replicas without it are separate "
+                "servers: start one per replica and let the router spread requests)"
+            )
+        if self.enable_dp_attention and self.dp_size < 2:
+            raise ValueError("--enable-dp-attention needs --dp-size N (N > 1) with --tp-size N")
+        if self.dp_attention and self.dp_size != self.tp_size:
+            raise ValueError(
+                f"dp_size {self.dp_size} with tp_size {self.tp_size}: DP attention runs attention data-parallel over "
+                f"the tensor-parallel ranks; give both the same N (--tp-size {self.dp_size} --dp-size {self.dp_size})"
+            )
+        if self.dp_attention and self.cp_size > 1:
+            raise ValueError("DP attention does not combine with context parallelism: drop one of them")
 
     def _validate_scheduling(self) -> None:
         if self.admission_policy not in ("need", "worst_case"):

@@ -41,10 +41,10 @@ STARTUP_TIMEOUT_S = 1800.0  # rendezvous and weight loading: ranks start and loa
 
 
 class PendingReduce:
-    """An all-reduce in flight (`TPGroup.all_reduce_async`)."""
+    """A collective in flight (`TPGroup.all_reduce_async`, `all_gather_async`); `wait()` gives its result."""
 
-    def __init__(self, t: torch.Tensor, work: Any, ready_at: float) -> None:
-        self._t, self._work, self._ready_at = t, work, ready_at
+    def __init__(self, t: torch.Tensor, work: Any, ready_at: float, parts: list[torch.Tensor] | None = None) -> None:
+        self._t, self._work, self._ready_at, self._parts = t, work, ready_at, parts
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
@@ -53,6 +53,8 @@ class PendingReduce:
         if self._ready_at:  # the emulated interconnect: sleep out what is left of its latency
             time.sleep(max(0.0, self._ready_at - time.monotonic()))
             self._ready_at = 0.0
+        if self._parts is not None:  # a gather: the ranks' parts, concatenated in rank order
+            self._t, self._parts = torch.cat(self._parts), None
         return self._t
 
 
@@ -100,6 +102,17 @@ class TPGroup:
         ready = time.monotonic() + self.emulated_latency_s if self.emulated_latency_s else 0.0
         return PendingReduce(t, work, ready)
 
+    def all_gather_async(self, t: torch.Tensor) -> PendingReduce:
+        """Launch the gather of every rank's `t` (same shape everywhere); `.wait()` gives them concatenated along
+        dim 0 in rank order. DP attention gathers each rank's tokens before the tensor-parallel MLP with it."""
+        if self.size == 1:
+            return PendingReduce(t, None, 0.0)
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        work = dist.all_gather(parts, t, group=self._group, async_op=True)
+        ready = time.monotonic() + self.emulated_latency_s if self.emulated_latency_s else 0.0
+        return PendingReduce(t, work, ready, parts)
+
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Every rank's `t` (same shape on every rank), concatenated along `dim` in rank order."""
         if self.size == 1:
@@ -140,6 +153,24 @@ class TPGroup:
         t = torch.tensor(values, dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._control)
         return [int(v) for v in t.tolist()]
+
+    def all_gather_ints(self, values: Sequence[int]) -> list[list[int]]:
+        """Every rank's int list (the same length on every rank), in rank order: small control data."""
+        values = [int(v) for v in values]
+        if self.size == 1:
+            return [values]
+        t = torch.tensor(values, dtype=torch.int64)
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t, group=self._control)
+        return [[int(v) for v in p.tolist()] for p in parts]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order."""
+        if self.size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj, group=self._control)
+        return out
 
     def barrier(self) -> None:
         """Wait for every rank (steady-state timeout)."""

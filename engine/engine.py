@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.batch import ForwardMode
+from engine.batch import ForwardBatch, ForwardMode
 from engine.builtin import resolve_model
 from engine.config import EngineConfig, parse_dtype
 from engine.device import resolve_device
 from engine.distributed import TPGroup
+from engine.dp_attention import DPStepPlan
 from engine.headroom import HeadroomEstimator
 from engine.kvcache import KVLayout, KVPool
 from engine.loader import load_model
@@ -102,15 +103,19 @@ class Engine:
         # the model's own group: CP ranks hold the whole model (TP=1 within the CP group)
         model_tp = tp if cfg.tp_size > 1 else TPGroup.single(self.device)
         self.cp = tp if cfg.cp_size > 1 else None
+        # DP attention: each rank its own requests, attention whole, the MLP split over the group
+        self.dp = tp if cfg.dp_attention else None
+        self.last_dp_plan: DPStepPlan | None = None  # the last step's agreement (DP attention)
         model_dir = resolve_model(cfg.model)
         t0 = time.perf_counter()
         dtype = parse_dtype(cfg.dtype) if cfg.dtype else None
-        self.model = load_model(model_dir, dtype=dtype, device=self.device, tp=model_tp)
+        self.model = load_model(model_dir, dtype=dtype, device=self.device, tp=model_tp, dp_attention=cfg.dp_attention)
         self.model_config = self.model.config
         self.weight_bytes = self.model.weight_bytes  # this rank's shard
         tp.startup_barrier()  # ranks load at different speeds; every collective after this has the short timeout
         self.tokenizer = Tokenizer.from_pretrained(model_dir)
-        kv = kv_head_range(self.model_config.num_kv_heads, model_tp.size, model_tp.rank)
+        attn_tp = self.model.attn_tp  # the group attention is split over (one rank under DP attention)
+        kv = kv_head_range(self.model_config.num_kv_heads, attn_tp.size, attn_tp.rank)
         layout = KVLayout(
             num_layers=self.model_config.num_layers,
             page_size=cfg.page_size,
@@ -126,7 +131,7 @@ class Engine:
             # the same page count on every rank (free memory may differ per GPU): the schedulers must agree
             (budget,) = tp.agree_min([kv_budget_bytes(cfg, self.device)])
             self.pool = KVPool.for_budget(layout, budget, self.device)
-        self.runner = ModelRunner(self.model, self.pool, cfg.attention_backend, cp=self.cp)
+        self.runner = ModelRunner(self.model, self.pool, cfg.attention_backend, cp=self.cp, dp=self.dp)
         if cfg.enable_two_batch_overlap:
             self.runner.tbo_threshold = cfg.tbo_token_distribution_threshold
         tp.emulated_latency_s = cfg.emulated_collective_latency_ms / 1000
@@ -159,7 +164,7 @@ class Engine:
             time.perf_counter() - t0,
             self.pool.num_pages,
             cfg.page_size,
-            "CP" if self.cp is not None else "TP",
+            "CP" if self.cp is not None else "DP-attention" if self.dp is not None else "TP",
             tp.rank,
             tp.size,
             self.weight_bytes / 2**20,
@@ -256,6 +261,8 @@ class Engine:
         Under tensor parallelism a forward that raises raises TPStepError instead: the rank must stop.
         """
         scheduled = self.scheduler.schedule()
+        if self.dp is not None:
+            return self._dp_step(scheduled)
         if scheduled is None:
             return []
         reqs = scheduled.requests
@@ -274,16 +281,36 @@ class Engine:
             self._apply(part, sample)
         return reqs
 
-    def _run(self, scheduled: ScheduledBatch) -> SampleOutput | None:
-        """The forward of `scheduled`, and a token for each row that samples (None when no row does: every row
-        is a prefill chunk short of its request's end)."""
+    def _dp_step(self, scheduled: ScheduledBatch | None) -> list[Request]:
+        """A DP-attention step: agree with every rank (each has its own requests), then run this rank's batch, an
+        IDLE forward when only others have one, or nothing when no rank has one. A failure stops the rank."""
+        batch = None if scheduled is None else self.build_batch(scheduled)
+        try:
+            self.last_dp_plan = plan = self.runner.agree(batch, self.has_work)
+            if scheduled is None:
+                if plan.is_idle:
+                    self.runner.run_idle(plan)
+                return []
+            sample = self._run(scheduled, batch)
+        except Exception as e:
+            raise TPStepError(f"DP rank {self.tp.rank} of {self.tp.size}: {_forward_error(e)}") from e
+        self._apply(scheduled, sample)
+        return scheduled.requests
+
+    def build_batch(self, scheduled: ScheduledBatch) -> ForwardBatch:
         reqs = scheduled.requests
-        batch = self.runner.build_batch(
+        return self.runner.build_batch(
             scheduled.new_tokens(),
             [r.num_cached for r in reqs],
             [r.pages for r in reqs],
             mixed=scheduled.mode == ForwardMode.MIXED,
         )
+
+    def _run(self, scheduled: ScheduledBatch, batch: ForwardBatch | None = None) -> SampleOutput | None:
+        """The forward of `scheduled`, and a token for each row that samples (None when no row does: every row
+        is a prefill chunk short of its request's end)."""
+        reqs = scheduled.requests
+        batch = batch if batch is not None else self.build_batch(scheduled)
         logits = self.runner.forward(batch)
         rows = [i for i, s in enumerate(scheduled.samples) if s]
         if not rows:
@@ -297,8 +324,9 @@ class Engine:
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
     ) -> SampleOutput:
         """One token per row of `logits`. Under tensor parallelism rank 0 samples and broadcasts its result, so
-        every rank appends the same tokens (seeded or not); the other ranks do not sample at all."""
-        if self.tp.size == 1:
+        every rank appends the same tokens (seeded or not); the other ranks do not sample at all. Under DP attention
+        each rank samples its own requests."""
+        if self.tp.size == 1 or self.dp is not None:
             return self.sampler(logits, params, generators)
         out: SampleOutput | _SampleFailed | None = None
         if self.tp.rank == 0:
@@ -375,12 +403,30 @@ class Engine:
     ) -> list[GenerationOutput]:
         """Run prompts (text or token ids) to completion, batched."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        # every rank validates every prompt (the same error everywhere); under DP attention rank r runs the prompts
+        # r, r + N, ... and the outputs are gathered at the end
         reqs = [
-            self.add_request(self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p), sp)
+            self.make_request(self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p), sp)
             for p, sp in zip(prompts, params_list, strict=True)
         ]
-        while not all(r.finished for r in reqs):
+        mine = reqs if self.dp is None else reqs[self.dp.rank :: self.dp.size]
+        for req in mine:
+            self.scheduler.add(req)
+            self.track(req)
+        if self.dp is None:
+            while not all(r.finished for r in reqs):
+                self.step()
+            return self._outputs(reqs)
+        while True:  # every rank leaves at the same step: the first whose agreement says no rank has work
             self.step()
+            if self.last_dp_plan is not None and not self.last_dp_plan.any_work:
+                break
+        parts = self.dp.all_gather_object(self._outputs(mine))
+        size = self.dp.size
+        return [parts[i % size][i // size] for i in range(len(reqs))]
+
+    @staticmethod
+    def _outputs(reqs: list[Request]) -> list[GenerationOutput]:
         return [
             GenerationOutput(
                 rid=r.rid,

@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -41,10 +42,11 @@ class LoadError(ValueError):
     """A model directory that cannot be loaded; the message names the file and what to do."""
 
 
-def check_model_tp(cfg: ModelConfig, tp_size: int, what: str = "the model") -> None:
-    """Raise TPLayoutError unless `tp_size` ranks can split `cfg` evenly (heads, KV heads, MLP rows); the
-    vocabulary is padded, so any size splits it."""
-    check_tp(cfg.num_heads, cfg.num_kv_heads, tp_size, what)
+def check_model_tp(cfg: ModelConfig, tp_size: int, what: str = "the model", dp_attention: bool = False) -> None:
+    """Raise TPLayoutError unless `tp_size` ranks can split `cfg` evenly (heads, KV heads, MLP rows; only MLP rows
+    under DP attention, where every rank holds all heads); the vocabulary is padded, so any size splits it."""
+    if not dp_attention:
+        check_tp(cfg.num_heads, cfg.num_kv_heads, tp_size, what)
     if cfg.intermediate_size % tp_size:
         raise TPLayoutError(
             f"--tp-size {tp_size} does not divide the intermediate_size {cfg.intermediate_size} of {what}; "
@@ -57,8 +59,10 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     tp: TPGroup | None = None,
+    dp_attention: bool = False,
 ) -> LlamaFamilyModel:
-    """The model (this rank's shard of it when `tp` has several ranks) on `device`."""
+    """The model (this rank's shard of it when `tp` has several ranks) on `device`. With `dp_attention` only the
+    MLP is sharded over `tp`; attention, embedding and LM head are whole on every rank."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise LoadError(f"model directory {model_dir} does not exist (use a local HF directory or builtin:NAME)")
@@ -66,23 +70,24 @@ def load_model(
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
     tp = tp if tp is not None else TPGroup.single(device)
-    check_model_tp(cfg, tp.size, str(model_dir))
+    check_model_tp(cfg, tp.size, str(model_dir), dp_attention)
     device = torch.device(device)
     # Build without allocating or initialising (weights come from the checkpoint), then materialise.
     with torch.device("meta"):
-        model = LlamaFamilyModel(cfg, tp)
+        model = LlamaFamilyModel(cfg, tp, dp_attention)
+    groups = _Groups(model.attn_tp, model.tp)
     model = model.to_empty(device=device).to(cfg.dtype)
     model.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings).to(device)
 
     params = dict(model.named_parameters())
     loaded: set[str] = set()
-    for name, tensor in _read_tensors(model_dir, cfg, tp):
+    for name, tensor in _read_tensors(model_dir, cfg, groups):
         target, part = _map_name(name, cfg)
         if target is None:
             continue
         if target not in params:
             raise LoadError(f"{model_dir}: unexpected tensor {name!r} for {cfg.architecture}")
-        _copy_into(params[target], target, part, tensor, name, cfg, tp)
+        _copy_into(params[target], target, part, tensor, name, cfg, groups)
         loaded.add(f"{target}#{part}")
 
     expected = {f"{n}#{p}" for n, parts in _expected_parts(params) for p in parts}
@@ -118,13 +123,21 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _read_tensors(model_dir: Path, cfg: ModelConfig, tp: TPGroup) -> Iterator[tuple[str, torch.Tensor]]:
+class _Groups(NamedTuple):
+    """The group each part of the model is split over: attention and vocabulary, and the MLP (the same group but
+    under DP attention, where attention and vocabulary are whole on every rank)."""
+
+    attn: TPGroup
+    mlp: TPGroup
+
+
+def _read_tensors(model_dir: Path, cfg: ModelConfig, groups: _Groups) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, this rank's part of the tensor) for every tensor of the checkpoint."""
     for path in weight_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    shard = _shard_of(name, cfg, tp) if tp.size > 1 else None
+                    shard = _shard_of(name, cfg, groups)
                     yield name, f.get_tensor(name) if shard is None else _read_shard(f, name, shard)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise LoadError(f"{path} is not a readable safetensors file ({e}); re-download it") from e
@@ -134,14 +147,17 @@ def _read_tensors(model_dir: Path, cfg: ModelConfig, tp: TPGroup) -> Iterator[tu
 _Shard = tuple[int, int, int, int]
 
 
-def _shard_of(name: str, cfg: ModelConfig, tp: TPGroup) -> _Shard | None:
+def _shard_of(name: str, cfg: ModelConfig, groups: _Groups) -> _Shard | None:
     """The rows (column-parallel, vocabulary) or columns (row-parallel) of HF tensor `name` this rank reads;
-    None for a tensor every rank holds whole (norms, row-parallel biases)."""
+    None for a tensor this rank holds whole (norms, row-parallel biases, anything of a one-rank group)."""
     hd = cfg.head_dim
+    m = _LAYER.match(name)
+    tp = groups.mlp if m is not None and m.group(2).startswith("mlp.") else groups.attn
+    if tp.size == 1:
+        return None
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         start, _, real = vocab_shard(cfg.vocab_size, tp)
         return 0, start, real, cfg.vocab_size
-    m = _LAYER.match(name)
     if m is None:
         return None
     _, module, kind = m.groups()
@@ -195,13 +211,14 @@ def _map_name(name: str, cfg: ModelConfig) -> tuple[str | None, int]:
     return f"layers.{layer}.{module}.{kind}", 0
 
 
-def _split_sizes(param_name: str, cfg: ModelConfig, tp: TPGroup) -> list[int] | None:
+def _split_sizes(param_name: str, cfg: ModelConfig, groups: _Groups) -> list[int] | None:
     """The rows of q, k, v (or gate, up) within this rank's fused parameter."""
     if "qkv_proj" in param_name:
+        tp = groups.attn
         kv = kv_head_range(cfg.num_kv_heads, tp.size, tp.rank).count * cfg.head_dim
         return [cfg.num_heads // tp.size * cfg.head_dim, kv, kv]
     if "gate_up_proj" in param_name:
-        inter = cfg.intermediate_size // tp.size
+        inter = cfg.intermediate_size // groups.mlp.size
         return [inter, inter]
     return None
 
@@ -219,9 +236,10 @@ def _copy_into(
     tensor: torch.Tensor,
     name: str,
     cfg: ModelConfig,
-    tp: TPGroup,
+    groups: _Groups,
 ) -> None:
-    sizes = _split_sizes(target_name, cfg, tp)
+    sizes = _split_sizes(target_name, cfg, groups)
+    tp = groups.attn
     target = param.data
     if sizes is not None:
         offset = sum(sizes[:part])

@@ -20,9 +20,11 @@ from engine.context_parallel import split_refusal
 from engine.cp_forward import ContextParallelStep
 from engine.cuda_graph import CapturedGraph, GraphRunner, capture_sizes
 from engine.distributed import TPGroup
+from engine.dp_attention import DPStepPlan
+from engine.dp_forward import IdleForward, agree
 from engine.kvcache import KVPool
 from engine.models import LlamaFamilyModel
-from engine.two_batch import plan_two_batch
+from engine.two_batch import TwoBatchPlan, plan_two_batch
 from engine.two_batch_forward import OverlappedForward
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class LayerwiseForward:
                 self.cp = ContextParallelStep(batch, runner.attn, runner.cp)
         # what the model's layers run on: this rank's share under CP, else the batch itself
         self.run_batch = self.cp.batch if self.cp is not None else batch
+        self.tokens = batch.dp  # DP attention: every rank's rows of this batch (None otherwise)
         self.attn: AttentionBackend = self.cp.attn if self.cp is not None else runner.attn
         self.attn.prepare(self.run_batch)
         with torch.inference_mode():
@@ -63,7 +66,9 @@ class LayerwiseForward:
         if start != self.next_layer:
             raise ValueError(f"layer ranges must be consecutive: expected start {self.next_layer}, got {start}")
         with torch.inference_mode():
-            self.hidden = self.runner.model.run_layers(self.hidden, self.rope, start, end, self.attention())
+            self.hidden = self.runner.model.run_layers(
+                self.hidden, self.rope, start, end, self.attention(), self.tokens
+            )
         self.next_layer = end
 
     def attention(self) -> AttentionBackend:
@@ -88,12 +93,20 @@ class LayerwiseForward:
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaFamilyModel, pool: KVPool, attention_backend: str = "auto", cp: TPGroup | None = None
+        self,
+        model: LlamaFamilyModel,
+        pool: KVPool,
+        attention_backend: str = "auto",
+        cp: TPGroup | None = None,
+        dp: TPGroup | None = None,
     ) -> None:
-        """`cp`: the context-parallel group this rank computes prefills with (None: every batch runs whole)."""
+        """`cp`: the context-parallel group this rank computes prefills with (None: every batch runs whole).
+        `dp`: the DP-attention group (engine/dp_forward.py): every forward is agreed with it first."""
         self.model = model
         self.pool = pool
         self.cp = cp if cp is not None and cp.size > 1 else None
+        self.dp = dp if dp is not None and dp.size > 1 else None
+        self.idle_steps = 0  # DP attention: IDLE forwards run (no rows here, others' MLP rows and collectives)
         # Two-batch overlap (engine/two_batch_forward.py): the token-distribution threshold when on, None when off
         self.tbo_threshold: float | None = None
         self.tbo_steps = 0  # forwards run as two overlapped micro-batches, and of those, with a two-chunk split
@@ -120,14 +133,49 @@ class ModelRunner:
 
     def start_forward(self, batch: ForwardBatch, split: bool = True) -> LayerwiseForward | OverlappedForward:
         """The batch's forward: as two overlapped micro-batches where two-batch overlap is on and the batch splits
-        (`split=False`: never, the micro-batches' own forwards), else whole (context-parallel where eligible)."""
+        (`split=False`: never, the micro-batches' own forwards), else whole (context-parallel where eligible).
+        Under DP attention the step's agreed plan decides (`agree` first; done here when the caller did not)."""
+        if split and self.dp is not None:
+            plan = batch.dp_plan if batch.dp_plan is not None else self.agree(batch, True)
+            if plan.run_tbo:
+                return self._overlapped(batch, self._split(batch), plan)
+            batch.dp = plan.tokens
+            return LayerwiseForward(self, batch)
         if split and self.tbo_threshold is not None and self.cp is None and batch.mode in _TBO_MODES:
-            plan = plan_two_batch(batch.mode.value, batch.prefix_lens, batch.extend_lens, self.tbo_threshold)
-            if not any(c.is_empty for c in plan.children):
-                self.tbo_steps += 1
-                self.two_chunk_steps += plan.split.two_chunk
-                return OverlappedForward(self, batch, plan)
+            plan = self._split(batch)
+            if not any(c.is_empty for c in plan.children):  # one rank: an empty micro-batch overlaps nothing
+                return self._overlapped(batch, plan)
         return LayerwiseForward(self, batch)
+
+    def _split(self, batch: ForwardBatch) -> TwoBatchPlan:
+        if self.tbo_threshold is None:
+            raise ValueError("two-batch overlap is off")
+        return plan_two_batch(batch.mode.value, batch.prefix_lens, batch.extend_lens, self.tbo_threshold)
+
+    def _overlapped(
+        self, batch: ForwardBatch, plan: TwoBatchPlan, dp_plan: DPStepPlan | None = None
+    ) -> OverlappedForward:
+        self.tbo_steps += 1
+        self.two_chunk_steps += plan.split.two_chunk
+        return OverlappedForward(self, batch, plan, dp_plan)
+
+    # -- DP attention ----------------------------------------------------------------------------------
+
+    def agree(self, batch: ForwardBatch | None, has_work: bool) -> DPStepPlan:
+        """This step's plan, agreed by every DP rank (one all-gather); every rank must call it once per step."""
+        return agree(self, batch, has_work)
+
+    def run_idle(self, plan: DPStepPlan) -> None:
+        """This rank's IDLE forward for a step where another rank has a batch: the same collectives, no rows."""
+        if not plan.is_idle:
+            raise ValueError("run_idle is for a step where this rank has no batch and another rank has one")
+        self.idle_steps += 1
+        if plan.run_tbo:
+            self.tbo_steps += 1
+            fwd: IdleForward | OverlappedForward = OverlappedForward.idle(self, plan)
+        else:
+            fwd = IdleForward(self, plan.tokens)
+        fwd.run_layers(0, self.num_layers)
 
     def forward(self, batch: ForwardBatch, all_tokens: bool = False) -> torch.Tensor:
         if self.graphs is not None and not all_tokens and self.graphs.can_run(batch):
@@ -162,6 +210,8 @@ class ModelRunner:
     def _graphs_unusable(self) -> str | None:
         if self.device.type != "cuda":
             return f"the model runs on {self.device}"
+        if self.dp is not None:
+            return "DP attention runs its forwards eagerly (each step's row counts differ per rank)"
         if not self.attn.supports_cuda_graph:
             return f"the {self.attn.name} attention backend cannot be captured"
         return None

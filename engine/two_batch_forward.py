@@ -38,6 +38,8 @@ import torch
 
 from engine.batch import ForwardBatch, ForwardMode
 from engine.device import to_device
+from engine.dp_attention import DPStepPlan
+from engine.dp_forward import IdleForward
 from engine.two_batch import ChildPlan, TwoBatchPlan
 
 if TYPE_CHECKING:
@@ -103,20 +105,38 @@ class OverlappedForward:
     Each child runs `LlamaFamilyModel.layer_stages`, which yields while a row-parallel all-reduce is in flight.
     The executor runs A's stage, then B's, then A's next: B's attention and MLP compute while A's reduce is on the
     wire and the other way round (delta 0, for prefill and decode alike). A's attention at layer l always runs
-    before B's (the cut sequence's dependency, module docstring)."""
+    before B's (the cut sequence's dependency, module docstring).
+
+    Under DP attention (`dp_plan`, the step every rank agreed on) each child runs with every rank's rows of that
+    child, and an empty child is an `IdleForward`: it still runs its stages' MLP collectives, in the same order
+    as every other rank's A and B (an IDLE rank's two children are both empty: `OverlappedForward.idle`)."""
 
     cp = None  # never context-parallel (ModelRunner does not combine them)
     cp_refusal: str | None = None
 
-    def __init__(self, runner: ModelRunner, batch: ForwardBatch, plan: TwoBatchPlan) -> None:
+    def __init__(
+        self, runner: ModelRunner, batch: ForwardBatch, plan: TwoBatchPlan, dp_plan: DPStepPlan | None = None
+    ) -> None:
         self.runner = runner
-        self.batch = batch
-        self.plan = plan
-        child_a, child_b = child_batches(batch, plan)
-        self.forwards: list[LayerwiseForward | None] = [
-            None if c is None else runner.start_forward(c, split=False) for c in (child_a, child_b)
-        ]
+        self.batch: ForwardBatch | None = batch
+        self.plan: TwoBatchPlan | None = plan
+        self.forwards: list[LayerwiseForward | IdleForward | None] = []
+        for i, child in enumerate(child_batches(batch, plan)):
+            tokens = None if dp_plan is None else dp_plan.child_tokens(i)
+            if child is None:
+                self.forwards.append(None if tokens is None else IdleForward(runner, tokens))
+            else:
+                child.dp = tokens
+                self.forwards.append(runner.start_forward(child, split=False))  # type: ignore[arg-type]
         self.next_layer = 0
+
+    @classmethod
+    def idle(cls, runner: ModelRunner, dp_plan: DPStepPlan) -> OverlappedForward:
+        """An IDLE rank's forward in an overlapped step: two empty micro-batches."""
+        fwd = cls.__new__(cls)
+        fwd.runner, fwd.batch, fwd.plan, fwd.next_layer = runner, None, None, 0
+        fwd.forwards = [IdleForward(runner, dp_plan.child_tokens(i)) for i in (0, 1)]
+        return fwd
 
     @property
     def done(self) -> bool:
@@ -126,7 +146,8 @@ class OverlappedForward:
         if start != self.next_layer:
             raise ValueError(f"layer ranges must be consecutive: expected start {self.next_layer}, got {start}")
         live = [f for f in self.forwards if f is not None]
-        stages = [self.runner.model.layer_stages(f.hidden, f.rope, start, end, f.attention) for f in live]
+        model = self.runner.model
+        stages = [model.layer_stages(f.hidden, f.rope, start, end, f.attention, f.tokens) for f in live]
         running = list(range(len(live)))
         with torch.inference_mode():
             while running:
@@ -142,8 +163,10 @@ class OverlappedForward:
         """What `LayerwiseForward.logits` gives for the unsplit batch, in parent order."""
         if not self.done:
             raise ValueError(f"logits need all {self.runner.num_layers} layers; ran {self.next_layer}")
-        fa, fb = self.forwards
-        live = [f for f in self.forwards if f is not None]
+        if self.plan is None:
+            raise ValueError("an idle forward has no rows to take logits of")
+        fa, fb = (f if f is not None and f.batch is not None else None for f in self.forwards)
+        live = [f for f in (fa, fb) if f is not None]
         with torch.inference_mode():
             if all_tokens:  # A's rows then B's: parent order, since A = [0, split) and B = [split, T)
                 rows = torch.cat([f.hidden for f in live])

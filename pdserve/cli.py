@@ -87,6 +87,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="tensor-parallel ranks: one process and one GPU each (PDSERVE_TP_SIZE)",
     )
     p.add_argument(
+        "--dp-size",
+        type=int,
+        default=int(env("DP_SIZE", str(d.dp_size))),
+        help="DP attention: data-parallel attention ranks, each with its own requests, all heads and its own KV "
+        "pool; needs --enable-dp-attention and --tp-size equal to it (the MLP stays tensor-parallel) "
+        "(PDSERVE_DP_SIZE)",
+    )
+    p.add_argument(
+        "--enable-dp-attention",
+        action="store_true",
+        default=env("ENABLE_DP_ATTENTION", "0").lower() in ("1", "true", "yes", "on"),
+        help="run attention data-parallel over the --dp-size ranks; a rank without requests runs IDLE steps that "
+        "take part in every collective (PDSERVE_ENABLE_DP_ATTENTION)",
+    )
+    p.add_argument(
         "--enable-two-batch-overlap",
         action="store_true",
         default=env("ENABLE_TWO_BATCH_OVERLAP", "0").lower() in ("1", "true", "yes", "on"),
@@ -133,6 +148,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         skip_warmup=args.skip_warmup,
         tp_size=args.tp_size,
         cp_size=getattr(args, "cp_size", 1),  # prefill and generate only
+        dp_size=args.dp_size,
+        enable_dp_attention=args.enable_dp_attention,
         dist_timeout_s=args.dist_timeout,
         enable_two_batch_overlap=args.enable_two_batch_overlap,
         tbo_token_distribution_threshold=args.tbo_token_distribution_threshold,
@@ -391,6 +408,7 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
            "--page-size", str(args.page_size), "--max-batch-size", str(args.max_batch_size),
            "--max-prefill-tokens", str(args.max_prefill_tokens),
            "--cuda-graph-max-bs", str(args.cuda_graph_max_bs), "--tp-size", str(args.tp_size),
+           "--dp-size", str(args.dp_size),
            "--dist-timeout", str(args.dist_timeout), "--admission-policy", args.admission_policy,
            "--init-headroom-ratio", str(args.init_headroom_ratio),
            "--min-headroom-ratio", str(args.min_headroom_ratio),
@@ -400,7 +418,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
            "--emulated-collective-latency-ms", str(args.emulated_collective_latency_ms)]  # fmt: skip
     out += [flag for flag, on in (("--disable-cuda-graph", args.disable_cuda_graph),
                                   ("--skip-warmup", args.skip_warmup),
-                                  ("--enable-two-batch-overlap", args.enable_two_batch_overlap)) if on]  # fmt: skip
+                                  ("--enable-two-batch-overlap", args.enable_two_batch_overlap),
+                                  ("--enable-dp-attention", args.enable_dp_attention)) if on]  # fmt: skip
     for flag, value in (("--dtype", args.dtype), ("--kv-cache-gb", args.kv_cache_gb),
                         ("--kv-pages", args.kv_pages), ("--context-length", args.context_length)):  # fmt: skip
         if value is not None:

@@ -49,7 +49,7 @@ def check_split(cfg: EngineConfig) -> None:
     from engine.loader import check_model_tp
 
     model_dir = resolve_model(cfg.model)
-    check_model_tp(ModelConfig.from_pretrained(model_dir), cfg.tp_size, cfg.model)
+    check_model_tp(ModelConfig.from_pretrained(model_dir), cfg.tp_size, cfg.model, cfg.dp_attention)
 
 
 def _follower(

@@ -8,6 +8,9 @@
   ids outside the slice give zeros and the all-reduce sums the one non-zero row; the same slices make the LM
   head (`vocab_parallel_logits`), whose per-rank logits are gathered and cut back to the real vocabulary.
 
+- DP attention (`dp_gather_async`, `dp_real_rows`, `dp_own_rows`): attention is replicated and each rank runs its
+  own tokens; the MLP stays tensor-parallel over every rank's tokens, gathered before it, reduced and split after.
+
 With one rank every forward is exactly the plain layer's (`F.linear`, `F.embedding`): no collective, the same
 kernels, bit-identical results.
 """
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import PendingReduce, TPGroup
+from engine.dp_attention import DPTokens
 from engine.parallel import padded_vocab
 
 
@@ -78,3 +82,31 @@ def vocab_parallel_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_size
         return F.linear(hidden, weight).float()
     gathered = tp.all_gather(F.linear(hidden, weight), dim=-1)
     return gathered[..., :vocab_size].float()
+
+
+# -- DP attention: the tensor-parallel MLP over every rank's tokens (engine/dp_attention.py) --------------------
+
+
+def dp_gather_async(x: torch.Tensor, tokens: DPTokens, tp: TPGroup) -> PendingReduce:
+    """Launch the gather of every rank's rows for the MLP: this rank's `x` padded to the largest share (gloo and
+    NCCL gather equal shapes), the parts concatenated in rank order once `.wait()` returns."""
+    if x.shape[0] != tokens.local:
+        raise ValueError(f"{x.shape[0]} rows, but this rank reported {tokens.local} tokens")
+    pad = tokens.max - tokens.local
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+    return tp.all_gather_async(x)
+
+
+def dp_real_rows(gathered: torch.Tensor, tokens: DPTokens) -> torch.Tensor:
+    """The gathered rows without the padding: every rank's real rows, in rank order (the same on every rank)."""
+    m = tokens.max
+    if all(c == m for c in tokens.counts):
+        return gathered
+    return torch.cat([gathered[r * m : r * m + c] for r, c in enumerate(tokens.counts) if c])
+
+
+def dp_own_rows(reduced: torch.Tensor, tokens: DPTokens) -> torch.Tensor:
+    """This rank's rows of the reduced MLP output over every rank's real rows. The sum over all rows is an
+    all-reduce, then a slice: a reduce-scatter built from what gloo has (its reduce_scatter is missing)."""
+    return reduced[tokens.offset : tokens.offset + tokens.local]
