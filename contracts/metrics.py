@@ -27,6 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from contracts.parallel_metrics import parallel_metrics
+
 __all__ = [
     "BATCH_MODES",
     "FAILURE_REASONS",
@@ -163,6 +165,7 @@ class Metrics:
     cp_fallbacks: Counter  # pdserve_cp_fallbacks_total{role,reason}
     tbo_steps: Counter  # pdserve_tbo_steps_total{role}
     tbo_two_chunk_steps: Counter  # pdserve_tbo_two_chunk_steps_total{role}
+    dp_idle_steps: Counter  # pdserve_dp_idle_steps_total{role} (contracts/parallel_metrics.py: these five)
     router_cache_aware: Counter  # pdserve_router_cache_aware_total{decision}
 
 
@@ -368,23 +371,7 @@ def _build(multiproc: bool) -> Metrics:
             ["role"],
             registry=reg,
         ),
-        cp_batches=Counter(
-            "pdserve_cp_batches", "Prefill batches run context-parallel (--cp-size > 1).", ["role"], registry=reg
-        ),
-        cp_fallbacks=Counter(
-            "pdserve_cp_fallbacks",
-            "Prefill batches a context-parallel server ran whole on every rank, by reason: short_sequence (a prompt "
-            "with under 2 x cp new tokens), mode (not a pure prefill).",
-            ["role", "reason"],
-            registry=reg,
-        ),
-        tbo_steps=Counter("pdserve_tbo_steps", "Forwards run as two overlapped micro-batches.", ["role"], registry=reg),
-        tbo_two_chunk_steps=Counter(
-            "pdserve_tbo_two_chunk_steps",
-            "Two-batch-overlap forwards whose split cut one sequence across both micro-batches.",
-            ["role"],
-            registry=reg,
-        ),
+        **parallel_metrics(reg),
         router_cache_aware=Counter(
             "pdserve_router_cache_aware",
             "Prefill choices of the cache-aware policy: by shared prefix, or by load (no match, or loads uneven).",

@@ -10,13 +10,26 @@
 - The rid rule (SGLang's): no `rid` → the server picks ids; a string on a single prompt is its id; a
   string on a batch of n is the group's id, and prompt i gets `<rid>_<i>` (an abort naming the bare id
   reaches all of them); a list must have one distinct non-empty string per prompt.
+- DP attention: a server of N data-parallel ranks gives request R to rank `dp_owner(room, rid, N)`: its bootstrap
+  room mod N when it has one (so prefill's scheduler and the transfer layer of both sides agree on the rank that
+  writes the room), else a hash of its rid.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Literal
 
-__all__ = ["DEFAULT_BOOTSTRAP_PORT", "DIALECT_OF_PATH", "ROOM_MAX", "Dialect", "RidError", "batch_size", "prompt_rids"]
+__all__ = [
+    "DEFAULT_BOOTSTRAP_PORT",
+    "DIALECT_OF_PATH",
+    "ROOM_MAX",
+    "Dialect",
+    "RidError",
+    "batch_size",
+    "dp_owner",
+    "prompt_rids",
+]
 
 Dialect = Literal["generate", "completion", "chat"]
 DIALECT_OF_PATH: dict[str, Dialect] = {
@@ -33,6 +46,13 @@ _BATCH_FIELDS: dict[str, tuple[tuple[str, tuple[type, ...]], ...]] = {
 
 ROOM_MAX = 2**63 - 1
 DEFAULT_BOOTSTRAP_PORT = 8998
+
+
+def dp_owner(room: int | None, rid: str, dp_size: int) -> int:
+    """The data-parallel rank of `dp_size` that owns a request (module docstring)."""
+    if room is not None:
+        return room % dp_size
+    return zlib.crc32(rid.encode()) % dp_size
 
 
 class RidError(ValueError):

@@ -102,7 +102,7 @@ class DecodeScheduler(SchedulerLoop):
         worked = self._admit()
         worked |= self._poll_transfers()
         self.reaper.reap()
-        if self.engine.has_work:
+        if self.engine.has_work or self.engine.dp is not None:  # DP attention: every rank steps, to agree
             touched = self.engine.step()
             for req in touched:
                 self.emit_output(req)

@@ -88,6 +88,13 @@ class SchedulerStats(IpcMessage):
     kv_pages_total: int
     in_flight_transfers: int = 0
     prefix_cache_pages: int = 0  # pages the prefill server's prefix cache holds (reusable ones are not "used")
+    rank: int = 0  # DP attention: every rank reports its own requests and pool; the front adds them up
+
+    @classmethod
+    def total(cls, parts: list[SchedulerStats]) -> SchedulerStats:
+        """The server's stats from its ranks' (DP attention: each rank its own requests and KV pool)."""
+        names = ("running", "queued", "kv_pages_used", "kv_pages_total", "in_flight_transfers", "prefix_cache_pages")
+        return cls(**{n: sum(getattr(p, n) for p in parts) for n in names})
 
 
 @dataclass

@@ -111,10 +111,20 @@ def _scheduler_main(
         from engine.distributed import init_tp_group
 
         tp = init_tp_group(rank, size, init_address, settings.engine, settings.engine.dist_timeout_s)
-        # to the transfer layer every rank is a writer of its share of the heads; CP ranks hold all of them
-        transfer = replace(settings.transfer, tp_rank=rank, tp_size=size, full_kv_heads=settings.engine.cp_size > 1)
-        settings = replace(settings, transfer=transfer)
+        settings = replace(settings, transfer=rank_transfer(settings, rank, size))
     make_scheduler(Engine(settings.engine, tp), settings, ipc_in, ipc_out).run()
+
+
+def rank_transfer(settings: ServerSettings, rank: int, size: int) -> TransferConfig:
+    """What rank `rank` of a `size`-rank server is to the transfer layer. TP: a writer of its share of the heads (CP
+    ranks hold all of them, and still split the push). DP attention: every rank holds every head and its own
+    requests; a prefill rank writes its rooms whole, and a decode rank is a one-rank decode with its own session."""
+    engine, transfer = settings.engine, settings.transfer
+    if engine.dp_attention and settings.role == "decode":
+        return replace(transfer, tp_rank=0, tp_size=1)
+    if engine.dp_attention:
+        return replace(transfer, tp_rank=rank, tp_size=size, full_kv_heads=True, dp_size=size)
+    return replace(transfer, tp_rank=rank, tp_size=size, full_kv_heads=engine.cp_size > 1)
 
 
 def run_server(settings: ServerSettings, make_scheduler: MakeScheduler) -> int:

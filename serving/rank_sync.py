@@ -26,6 +26,7 @@ import logging
 from typing import Any
 
 from contracts.metrics import FailureReason
+from contracts.pd import dp_owner
 from transfer.protocol import TransferState
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,13 @@ class AgreedHandle:
 class RankSync:
     """The agreement points of one server's scheduler, over its tensor-parallel group (`engine.tp`)."""
 
-    def __init__(self, tp: Any | None) -> None:
+    def __init__(self, tp: Any | None, data_parallel: bool = False) -> None:
         self.tp = tp  # engine.distributed.TPGroup; None: one rank
         self.rank: int = tp.rank if tp is not None else 0
         self.size: int = tp.size if tp is not None else 1
+        # DP attention: each rank owns its own requests and rooms (contracts.pd.dp_owner), so rooms need no
+        # agreement; the front's messages still reach every rank, and each takes the requests it owns
+        self.data_parallel = data_parallel and self.size > 1
         self._live: list[AgreedHandle] = []  # creation order: the same on every rank
 
     @property
@@ -119,9 +123,14 @@ class RankSync:
         if not self.single:
             self.tp.barrier()
 
+    def owns(self, room: int | None, rid: str) -> bool:
+        """Whether this rank takes the request (every rank does, but under DP attention)."""
+        return not self.data_parallel or dp_owner(room, rid, self.size) == self.rank
+
     def track(self, handle: Any) -> Any:
-        """The handle the scheduler should hold for a room it just created (the same call on every rank)."""
-        if self.single:
+        """The handle the scheduler should hold for a room it just created (the same call on every rank, or under
+        DP attention on the rank that owns it, which alone decides its fate)."""
+        if self.single or self.data_parallel:
             return handle
         agreed = AgreedHandle(handle, self)
         self._live.append(agreed)
@@ -134,7 +143,7 @@ class RankSync:
     def refresh(self) -> None:
         """Agree on every live room's state and page safety; broadcast rank 0's new aux results. Call once
         per step, on every rank, before the scheduler polls any room."""
-        if self.single:
+        if self.single or self.data_parallel:
             return
         handles = list(self._live)
         mine: list[int] = []

@@ -58,18 +58,23 @@ class SchedulerLoop:
 
     def __init__(self, engine: Engine, ipc_to_scheduler: str, ipc_from_scheduler: str) -> None:
         self.engine = engine
-        self.sync = RankSync(engine.tp)
-        self.metrics = get_metrics() if self.sync.leader else _NullMetrics()
+        self.sync = RankSync(engine.tp, data_parallel=engine.dp is not None)
+        # rank 0 counts each request once; under DP attention each rank counts its own
+        self.metrics = get_metrics() if self.sync.leader or self.sync.data_parallel else _NullMetrics()
         self.reaper = PageReaper(engine.pool.allocator, self.metrics, self.role)  # type: ignore[arg-type]
-        self._tbo_counted = (engine.runner.tbo_steps, engine.runner.two_chunk_steps)  # warm-up's not counted
+        runner = engine.runner
+        self._tbo_counted = (runner.tbo_steps, runner.two_chunk_steps, runner.idle_steps)  # warm-up's not counted
         if engine.runner.tbo_threshold is not None:
             for counter in (self.metrics.tbo_steps, self.metrics.tbo_two_chunk_steps):
                 counter.labels(self.role.value)  # exported from 0
+        if engine.dp is not None:
+            self.metrics.dp_idle_steps.labels(self.role.value)
         self._ctx = zmq.Context()
         self._in = self._ctx.socket(zmq.PULL)
         self._out = self._ctx.socket(zmq.PUSH)
         if self.sync.leader:  # the other ranks hear the front through rank 0
             self._in.connect(ipc_to_scheduler)
+        if self.sync.leader or self.sync.data_parallel:  # under DP attention each rank answers its own requests
             self._out.connect(ipc_from_scheduler)
         self._poller = zmq.Poller()
         self._poller.register(self._in, zmq.POLLIN)
@@ -98,6 +103,7 @@ class SchedulerLoop:
             "role": self.role.value,
             "tp_size": self.engine.cfg.tp_size,
             "cp_size": self.engine.cfg.cp_size,
+            "dp_size": self.engine.cfg.dp_size if self.engine.dp is not None else 1,
             "architecture": cfg.architecture,
             "num_layers": cfg.num_layers,
             "vocab_size": cfg.vocab_size,
@@ -143,20 +149,25 @@ class SchedulerLoop:
                 raise
         self._count_overlap()
         now = time.monotonic()
-        if self.sync.leader and now - self._last_stats >= _STATS_EVERY_S:
+        if (self.sync.leader or self.sync.data_parallel) and now - self._last_stats >= _STATS_EVERY_S:
             self._last_stats = now
-            self.send(self.stats())
+            stats = self.stats()
+            stats.rank = self.sync.rank
+            self.send(stats)
         if not worked and self.sync.leader:  # the other ranks wait in the next turn's broadcast
             self._poller.poll(self._idle_wait_ms)
 
     def _count_overlap(self) -> None:
-        """Export the forwards the runner ran as two overlapped micro-batches since the last turn (with two-chunk)."""
+        """Export the forwards the runner ran as two overlapped micro-batches since the last turn (with two-chunk),
+        and its IDLE forwards (DP attention)."""
         runner, role = self.engine.runner, self.role.value
-        steps, two_chunk = runner.tbo_steps, runner.two_chunk_steps
-        if steps != self._tbo_counted[0]:
+        steps, two_chunk, idle = runner.tbo_steps, runner.two_chunk_steps, runner.idle_steps
+        if (steps, two_chunk, idle) != self._tbo_counted:
             self.metrics.tbo_steps.labels(role).inc(steps - self._tbo_counted[0])
             self.metrics.tbo_two_chunk_steps.labels(role).inc(two_chunk - self._tbo_counted[1])
-            self._tbo_counted = (steps, two_chunk)
+            if idle != self._tbo_counted[2]:
+                self.metrics.dp_idle_steps.labels(role).inc(idle - self._tbo_counted[2])
+            self._tbo_counted = (steps, two_chunk, idle)
 
     def close(self) -> None:
         """Close the sockets (the server process simply exits; tests that build a loop call this)."""
@@ -167,7 +178,8 @@ class SchedulerLoop:
     def _dispatch(self, msg: IpcMessage) -> None:
         try:
             if isinstance(msg, GenerateRequest):
-                self.on_generate(msg)
+                if self.sync.owns(msg.bootstrap_room, msg.rid):  # DP attention: another rank's request
+                    self.on_generate(msg)
             elif isinstance(msg, AbortRequest):
                 self.on_abort(msg.rid)
             else:
@@ -180,7 +192,8 @@ class SchedulerLoop:
     # -- outputs --------------------------------------------------------------------------------------
 
     def send(self, msg: IpcMessage) -> None:
-        if self.sync.leader:  # every rank answers the same; rank 0 speaks for them
+        # every rank answers the same; rank 0 speaks for them; under DP attention each rank answers its requests
+        if self.sync.leader or (self.sync.data_parallel and isinstance(msg, (RequestOutput, SchedulerStats))):
             self._out.send(pack(msg))
 
     def fail(self, rid: str, error: str, status: int, prompt_tokens: int = 0) -> None:

@@ -106,8 +106,8 @@ class _RecordingLoop(SchedulerLoop):
 
     def __init__(self, ipc_in: str, ipc_out: str) -> None:
         # all the base loop reads: the pool, the group, and the runner's two-batch-overlap counters
-        runner = SimpleNamespace(tbo_steps=0, two_chunk_steps=0, tbo_threshold=None)
-        engine = SimpleNamespace(pool=SimpleNamespace(allocator=PageAllocator(4)), tp=None, runner=runner)
+        runner = SimpleNamespace(tbo_steps=0, two_chunk_steps=0, idle_steps=0, tbo_threshold=None)
+        engine = SimpleNamespace(pool=SimpleNamespace(allocator=PageAllocator(4)), tp=None, dp=None, runner=runner)
         super().__init__(engine, ipc_in, ipc_out)  # type: ignore[arg-type]
         self.handled: list[IpcMessage] = []
 

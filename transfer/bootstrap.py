@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlparse
 
 import httpx
 
-from contracts.pd import DEFAULT_BOOTSTRAP_PORT
+from contracts.pd import DEFAULT_BOOTSTRAP_PORT, dp_owner
 from engine.kvcache import KVLayout
 from transfer.head_map import describe_tp, tp_pair_problem
 
@@ -71,14 +71,25 @@ class RankInfo:
     head_dim: int
     backend: str
     instance: str = ""  # the rank's transfer manager instance id: changes with every start
+    # DP attention: the ranks are data-parallel, and room R is written whole by rank R % dp_size (TransferConfig)
+    dp_size: int = 1
 
     @classmethod
     def of(
-        cls, kv: KVLayout, backend: str, tp_size: int, tp_rank: int, rank_ip: str, rank_port: int, instance: str = ""
+        cls,
+        kv: KVLayout,
+        backend: str,
+        tp_size: int,
+        tp_rank: int,
+        rank_ip: str,
+        rank_port: int,
+        instance: str = "",
+        dp_size: int = 1,
     ) -> RankInfo:
         return cls(
             tp_size=tp_size,
             tp_rank=tp_rank,
+            dp_size=dp_size,
             rank_ip=rank_ip,
             rank_port=rank_port,
             backend=backend,
@@ -91,14 +102,14 @@ class RankInfo:
         return {"rank_ip": self.rank_ip, "rank_port": self.rank_port, "instance": self.instance}
 
     def layout(self) -> dict:
-        """What `GET /route` answers and `check_layout` compares: the TP size and LAYOUT_FIELDS."""
-        return {"tp_size": self.tp_size, **{k: getattr(self, k) for k in LAYOUT_FIELDS}}
+        """What `GET /route` answers and `check_layout` compares: the TP (and DP) size and LAYOUT_FIELDS."""
+        return {"tp_size": self.tp_size, "dp_size": self.dp_size, **{k: getattr(self, k) for k in LAYOUT_FIELDS}}
 
 
 # What decode must agree on with prefill before any byte moves: every field of a rank that is not about
 # where the rank is (the model's KV geometry, as KVLayout.wire() names it, and the transfer engine). TP sizes may
 # differ; whether a pair of them can be served is `transfer.head_map.tp_pair_problem`'s question.
-_WHERE = ("tp_size", "tp_rank", "rank_ip", "rank_port", "instance")
+_WHERE = ("tp_size", "tp_rank", "rank_ip", "rank_port", "instance", "dp_size")
 LAYOUT_FIELDS = tuple(f.name for f in fields(RankInfo) if f.name not in _WHERE)
 
 
@@ -216,8 +227,9 @@ def fetch_route(bootstrap_addr: str, tp_rank: int | None = None, timeout: float 
 def check_layout(local: dict, remote: dict, bootstrap_addr: str) -> None:
     """Refuse a prefill whose KV geometry differs (naming every field that does), or whose TP layout cannot fill
     this decode's (naming both layouts). `local`/`remote`: `RankInfo.layout()` of decode and prefill."""
+    writers = writer_ranks(remote)
     both = (
-        f"prefill {describe_tp(remote.get('num_kv_heads'), remote.get('tp_size'))} vs "
+        f"prefill {describe_tp(remote.get('num_kv_heads'), writers)} vs "
         f"decode {describe_tp(local['num_kv_heads'], local['tp_size'])}"
     )
     diffs = [
@@ -225,9 +237,19 @@ def check_layout(local: dict, remote: dict, bootstrap_addr: str) -> None:
     ]
     if diffs:
         raise LayoutMismatch(f"prefill at {bootstrap_addr} has an incompatible KV layout ({'; '.join(diffs)}); {both}")
-    problem = tp_pair_problem(local["num_kv_heads"], remote.get("tp_size", 0), local["tp_size"])
+    problem = tp_pair_problem(local["num_kv_heads"], writers, local["tp_size"])
     if problem:
         raise LayoutMismatch(f"prefill at {bootstrap_addr} cannot serve this decode's TP layout ({both}): {problem}")
+
+
+def writer_ranks(layout: dict) -> int:
+    """How many prefill ranks write each room, from its `GET /route` layout: all TP ranks, or one under DP attention."""
+    return 1 if int(layout.get("dp_size", 1)) > 1 else layout.get("tp_size", 0)
+
+
+def room_writers(room: int, tp_size: int, dp_size: int) -> list[int]:
+    """The prefill ranks that write room `room`: every rank, or under DP attention its owner alone."""
+    return [dp_owner(room, "", dp_size)] if dp_size > 1 else list(range(tp_size))
 
 
 def health(bootstrap_addr: str, timeout: float = 2.0) -> bool:

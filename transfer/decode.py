@@ -41,7 +41,7 @@ from contracts.codec import Record
 from contracts.metrics import FailureReason
 from engine.kvcache import KVPool
 from transfer.aux import AuxBuffer, AuxRow
-from transfer.bootstrap import BootstrapError, LayoutMismatch, RankInfo, check_layout, fetch_route
+from transfer.bootstrap import BootstrapError, LayoutMismatch, RankInfo, check_layout, fetch_route, room_writers
 from transfer.config import TransferConfig
 from transfer.decode_watch import Leg, PrefillRank, PrefillWatch, Room, _Prefill
 from transfer.manager import DuplicateRoomError, RoomHandle, TransferManager, now
@@ -173,8 +173,8 @@ class DecodeTransferManager(PrefillWatch, TransferManager):
         with self._lock:
             if r.state.terminal:
                 return
-            r.prefill_tp = prefill.tp_size
-            for rank in range(prefill.tp_size):  # every prefill rank not holding our info yet
+            r.writers = set(room_writers(room, prefill.tp_size, prefill.dp_size))
+            for rank in sorted(r.writers):  # every prefill rank writing the room not holding our info yet
                 if rank in r.legs:
                     continue
                 where = prefill.ranks[rank]
@@ -197,14 +197,14 @@ class DecodeTransferManager(PrefillWatch, TransferManager):
                 return p
             layout = fetch_route(addr, timeout=self.timeouts.http)
             check_layout(self.layout, layout, addr)
-            tp_size = int(layout["tp_size"])
+            tp_size, dp_size = int(layout["tp_size"]), int(layout.get("dp_size", 1))
             ranks = {rank: self._rank(addr, rank) for rank in range(tp_size)}
             registration = self._registration()
             for rank, where in ranks.items():  # every rank: each writes its share of the heads into our pages
                 if not self.send(where.endpoint, registration):
                     raise BootstrapError(f"cannot reach prefill rank {rank} control socket {where.endpoint}")
             with self._lock:
-                p.tp_size, p.ranks = tp_size, ranks
+                p.tp_size, p.dp_size, p.ranks = tp_size, dp_size, ranks
                 p.generation += 1
                 p.registered = True
                 p.misses = 0
@@ -311,12 +311,12 @@ class DecodeTransferManager(PrefillWatch, TransferManager):
             leg = r.legs.get(rank)
             if leg is not None:
                 leg.ended = leg.released = True  # every write of its part completed, even if we gave up on it
-            if 0 <= rank < r.prefill_tp:
+            if rank in r.writers:
                 r.done.add(rank)
             if r.state.terminal:
                 return
             r.state.advance(TransferState.TRANSFERRING)
-            if len(r.done) < r.prefill_tp:
+            if not r.writers <= r.done:
                 return
             if self.cfg.tp_rank != 0:  # the aux row reaches decode rank 0 only
                 r.state.advance(TransferState.SUCCESS)

@@ -51,6 +51,7 @@ class _Prefill:
 
     addr: str
     tp_size: int = 1
+    dp_size: int = 1  # DP attention: each room is written by one rank (transfer.bootstrap.room_writers)
     ranks: dict[int, PrefillRank] = field(default_factory=dict)  # the instances we registered with
     registered: bool = False
     generation: int = 0  # bumped with every registration
@@ -78,7 +79,7 @@ class Room:
     dst_pages: list[int]
     prompt_len: int
     aux_row: int
-    prefill_tp: int = 1  # prefill ranks that must report Success (the prefill's TP size, once resolved)
+    writers: set[int] = field(default_factory=lambda: {0})  # prefill ranks that must report Success (once resolved)
     legs: dict[int, Leg] = field(default_factory=dict)  # prefill rank -> where its info went
     done: set[int] = field(default_factory=set)  # prefill ranks that reported Success
     resends: int = 0  # UnknownSession answers acted on

@@ -79,12 +79,13 @@ def check_rank_layout(cfg: TransferConfig, pool: KVPool) -> None:
     `full_kv_heads`): the head map (transfer/head_map.py) computes both sides' heads from it."""
     layout = pool.layout
     total = layout.model_kv_heads
-    if cfg.full_kv_heads and kv_split_problem(total, cfg.tp_size):
+    size, rank = cfg.writer
+    if cfg.full_kv_heads and kv_split_problem(total, size):
         raise ValueError(
             f"{cfg.tp_size} context-parallel ranks split the KV push by heads, and {cfg.tp_size} "
             f"{kv_split_problem(total, cfg.tp_size)}; use a --cp-size that divides {total} or is a multiple of it"
         )
-    writes = kv_head_range(total, cfg.tp_size, cfg.tp_rank)
+    writes = kv_head_range(total, size, rank)
     want = HeadRange(0, total, total) if cfg.full_kv_heads else writes
     if (layout.kv_head_start, layout.num_kv_heads) != (want.start, want.count):
         raise ValueError(

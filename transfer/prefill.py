@@ -130,7 +130,7 @@ class PrefillTransferManager(PeerTable, TransferManager):
         self._spawn(self._worker.run, "worker")
         if bootstrap_addr:
             info = RankInfo.of(
-                pool.layout, cfg.backend, cfg.tp_size, cfg.tp_rank, cfg.host, self.zmq_port, self.instance
+                pool.layout, cfg.backend, cfg.tp_size, cfg.tp_rank, cfg.host, self.zmq_port, self.instance, cfg.dp_size
             )
             register_rank(bootstrap_addr, info, timeout=cfg.timeouts.http)
 
@@ -159,7 +159,7 @@ class PrefillTransferManager(PeerTable, TransferManager):
                 raise ValueError(f"room {chunk.room}: send after finish")
             if r.state.state < TransferState.WAITING_FOR_INPUT and not r.state.terminal:
                 raise ValueError(f"room {chunk.room}: decode's transfer info has not arrived")
-            if chunk.last and r.aux_row is None and not r.state.terminal and self.cfg.tp_rank == 0:
+            if chunk.last and r.aux_row is None and not r.state.terminal and self.cfg.writes_aux:
                 raise ValueError(f"room {chunk.room}: write_aux must come before the last chunk")
             r.pending += 1
             if chunk.last:
@@ -173,8 +173,8 @@ class PrefillTransferManager(PeerTable, TransferManager):
                 raise ValueError(f"room {room}: write_aux after the last chunk")
             if r.state.terminal:
                 return False
-            if self.cfg.tp_rank != 0:
-                return True  # only rank 0 writes the aux row
+            if not self.cfg.writes_aux:
+                return True  # only rank 0 writes the aux row (under DP attention, each rank its own rooms')
             if r.aux_row is None:
                 r.aux_row = self.aux.allocate()
                 if r.aux_row is None:

@@ -75,9 +75,10 @@ class PeerTable:
                       problem)  # fmt: skip
             return
         layout = self.pool.layout
-        slices = head_slices(layout.model_kv_heads, self.cfg.tp_size, msg.tp_size, self.cfg.tp_rank, msg.tp_rank)
+        size, rank = self.cfg.writer
+        slices = head_slices(layout.model_kv_heads, size, msg.tp_size, rank, msg.tp_rank)
         if self.cfg.full_kv_heads:  # our pool holds every head: offsets into it are model head indices
-            first = kv_head_range(layout.model_kv_heads, self.cfg.tp_size, self.cfg.tp_rank).start
+            first = kv_head_range(layout.model_kv_heads, size, rank).start
             slices = [HeadSlice(sl.src + first, sl.dst, sl.count) for sl in slices]
         bases = [*msg.k_bases, *msg.v_bases]
         regions = [MemoryRegion(b, msg.item_bytes, msg.num_items, msg.num_kv_heads) for b in bases]
@@ -115,10 +116,11 @@ class PeerTable:
             return f"{msg.item_bytes}-byte KV items (one head of a page); ours are {layout.head_bytes} bytes"
         if msg.total_kv_heads != total:
             return f"a model of {msg.total_kv_heads} KV heads; ours has {total}"
-        problem = tp_pair_problem(total, self.cfg.tp_size, msg.tp_size)
+        writers = self.cfg.writer[0]
+        problem = tp_pair_problem(total, writers, msg.tp_size)
         if problem:
             theirs = describe_tp(msg.total_kv_heads, msg.tp_size)
-            return f"prefill {describe_tp(total, self.cfg.tp_size)} vs decode {theirs}: {problem}"
+            return f"prefill {describe_tp(total, writers)} vs decode {theirs}: {problem}"
         if not 0 <= msg.tp_rank < msg.tp_size:
             return f"TP rank {msg.tp_rank} outside its TP size {msg.tp_size}"
         want = kv_head_range(total, msg.tp_size, msg.tp_rank)

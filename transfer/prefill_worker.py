@@ -228,7 +228,7 @@ class TransferWorker:
         dst = info.dst_pages[chunk.first_page : end]
         heads = m.pool.layout.num_kv_heads
         copies = kv_copies(chunk.start, chunk.end, m.num_layers, chunk.src_pages, dst, peer.slices, heads, peer.heads)
-        if chunk.last and m.cfg.tp_rank == 0 and peer.tp_rank == 0:
+        if chunk.last and m.cfg.writes_aux and peer.tp_rank == 0:
             if r.aux_row is None:  # KVSender refuses a last chunk without a row: a bug if seen
                 raise TransferError("the aux row was not written before the room's last chunk")
             copies.append(Copy(aux_region(m.num_layers), r.aux_row, info.aux_row, 1))  # last: after every KV copy

@@ -65,6 +65,7 @@ class SchedulerClient:
         self.names: dict[str, set[str]] = {}  # a client's name for prompts -> the internal rids it names now
         self.ready_info: dict[str, Any] | None = None  # the scheduler's Ready info, once it sent it
         self.stats: SchedulerStats | None = None
+        self._rank_stats: dict[int, SchedulerStats] = {}  # the latest of each rank (several under DP attention)
         self.stats_at = 0.0  # time.time() of the latest stats
         self._actx: zmq.asyncio.Context | None = None
         self._sctx: zmq.Context | None = None
@@ -181,7 +182,9 @@ class SchedulerClient:
                 flight.deliver(msg)
             # else: output of a request that was aborted or timed out here; nothing waits for it.
         elif isinstance(msg, SchedulerStats):
-            self.stats, self.stats_at = msg, time.time()
+            self._rank_stats[msg.rank] = msg
+            self.stats, self.stats_at = SchedulerStats.total(list(self._rank_stats.values())), time.time()
+            msg = self.stats
             role = self.role.value
             self.metrics.running_requests.labels(role=role).set(msg.running)
             self.metrics.queued_requests.labels(role=role).set(msg.queued)

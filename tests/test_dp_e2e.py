@@ -1,0 +1,45 @@
+"""DP attention through the whole disaggregated path: router → prefill (TP2, DP2) + decode (TP2, DP2), every rank its
+own process, each rank serving the requests it owns (bootstrap room mod 2) and running IDLE steps while the other
+rank has work; with two-batch overlap off and on, greedy output is token-exact with transformers, IDLE steps are
+counted on both servers, every rank's pages come back, and /server_info reports the DP size."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.test_pipeline_e2e import metric
+from tests.test_serving_e2e import PROMPTS, reference  # noqa: F401 (fixture)
+from tests.test_tp_e2e import tp_stack, wait_pages_free
+
+DP = ["--dp-size", "2", "--enable-dp-attention"]
+
+
+@pytest.mark.parametrize("tbo", [False, True], ids=["plain", "tbo"])
+def test_dp2_attention_through_prefill_and_decode_matches_transformers(tbo, reference):  # noqa: F811
+    generate, text_ids, _, _ = reference
+    flags = [*DP, *(["--enable-two-batch-overlap"] if tbo else [])]
+    backend = "nixl" if tbo else "mooncake"
+    stack = tp_stack(backend, 2, 2, extra=flags, router_extra=["--local-prefill-max-tokens", "0"])
+    try:
+        for url in (stack.prefill_url, stack.decode_url):
+            info = httpx.get(f"{url}/server_info", timeout=5).json()
+            assert (info["tp_size"], info["dp_size"]) == (2, 2)
+        # a batch spread over both ranks of each server, then single prompts: one rank runs IDLE meanwhile
+        for texts in (PROMPTS, PROMPTS[:1], PROMPTS[1:2]):
+            body = {"text": texts, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+            r = httpx.post(f"{stack.router_url}/generate", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            out = r.json() if isinstance(r.json(), list) else [r.json()]
+            assert [o["output_ids"] for o in out] == [generate(text_ids(t), 8) for t in texts]
+        wait_pages_free(stack)
+        for url, role in ((stack.prefill_url, "prefill"), (stack.decode_url, "decode")):
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            assert metric(text, "pdserve_dp_idle_steps_total", f'role="{role}"') > 0, role
+            if tbo:
+                assert metric(text, "pdserve_tbo_steps_total", f'role="{role}"') > 0, role
+        text = httpx.get(f"{stack.prefill_url}/metrics", timeout=10).text
+        for rank in (0, 1):  # both prefill ranks owned rooms and wrote their KV
+            assert metric(text, "pdserve_kv_transfer_rank_bytes_total", f'role="prefill",tp_rank="{rank}"') > 0
+    finally:
+        stack.stop()
