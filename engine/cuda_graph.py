@@ -45,8 +45,16 @@ def bucket_for(batch_size: int, sizes: list[int]) -> int | None:
     return sizes[i] if i < len(sizes) else None
 
 
+def even_sizes(sizes: list[int]) -> list[int]:
+    """`sizes` rounded up to even numbers (two-batch-overlap graphs split each bucket in halves)."""
+    return sorted({s + s % 2 for s in sizes})
+
+
 class GraphPlugin(Protocol):
-    """Extra per-batch-size state a captured forward needs (e.g. two-batch overlap's split indices)."""
+    """Extra per-batch-size state a captured forward needs (e.g. two-batch overlap's split indices,
+    engine/two_batch_graph.py). `even_sizes`: capture only even batch sizes."""
+
+    even_sizes: bool
 
     def capture_one_batch_size(self, graph_batch_size: int, batch: ForwardBatch) -> None:
         """Called before capturing the bucket, with its all-padding batch."""
@@ -54,8 +62,22 @@ class GraphPlugin(Protocol):
     def replay_prepare(self, batch: ForwardBatch, padded: ForwardBatch, graph_batch_size: int) -> None:
         """Called before each replay, with the real batch and its padded form."""
 
+    def can_replay(self, batch: ForwardBatch) -> bool:
+        """Whether this step may replay the captured graphs (else it runs eagerly)."""
+
+    def body(self, padded: ForwardBatch) -> torch.Tensor | None:
+        """The forward to capture for a bucket, or None for the runner's own."""
+
 
 class NoPlugin:
+    even_sizes = False
+
+    def can_replay(self, batch: ForwardBatch) -> bool:
+        return True
+
+    def body(self, padded: ForwardBatch) -> torch.Tensor | None:
+        return None
+
     def capture_one_batch_size(self, graph_batch_size: int, batch: ForwardBatch) -> None:
         return None
 
@@ -118,8 +140,8 @@ class GraphRunner:
         graph_factory: Callable[[object], CapturedGraph] | None = None,
     ) -> None:
         self.runner = runner
-        self.batch_sizes = sorted(sizes)
         self.plugin = plugin or NoPlugin()
+        self.batch_sizes = even_sizes(sizes) if self.plugin.even_sizes else sorted(sizes)
         self.replays = 0
         self._factory = graph_factory or CudaGraph
         self._mem_pool = torch.cuda.graph_pool_handle() if self._factory is CudaGraph else None
@@ -148,7 +170,11 @@ class GraphRunner:
             progress(f"captured decode graph {i}/{len(self.batch_sizes)} (batch size {bs})")
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.mode == ForwardMode.DECODE and batch.batch_size <= self.max_batch_size
+        return (
+            batch.mode == ForwardMode.DECODE
+            and batch.batch_size <= self.max_batch_size
+            and self.plugin.can_replay(batch)
+        )
 
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
         """[B, V] float32 logits of a decode batch (a view of the graph's output buffer)."""
@@ -188,6 +214,9 @@ class GraphRunner:
         )
 
     def _body(self, batch: ForwardBatch) -> torch.Tensor:
+        out = self.plugin.body(batch)
+        if out is not None:
+            return out
         # not a LayerwiseForward: its prepare() would plan the eager wrapper, not this bucket's graph buffers
         model = self.runner.model
         return model.logits(model.forward(batch.input_ids, batch.positions, self.runner.attn))

@@ -26,6 +26,7 @@ from engine.kvcache import KVPool
 from engine.models import LlamaFamilyModel
 from engine.two_batch import TwoBatchPlan, plan_two_batch
 from engine.two_batch_forward import OverlappedForward
+from engine.two_batch_graph import TwoBatchGraphPlugin
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,8 @@ class ModelRunner:
             if why:
                 progress(f"CUDA graphs off: {why}")
                 return False
-        runner = GraphRunner(self, capture_sizes(max_bs), graph_factory=graph_factory)
+        plugin = TwoBatchGraphPlugin(self) if self.tbo_threshold is not None else None
+        runner = GraphRunner(self, capture_sizes(max_bs), plugin, graph_factory=graph_factory)
         try:
             runner.capture_all(progress)
         except Exception as e:  # a kernel that cannot be captured must not stop the server
@@ -212,6 +214,11 @@ class ModelRunner:
             return f"the model runs on {self.device}"
         if self.dp is not None:
             return "DP attention runs its forwards eagerly (each step's row counts differ per rank)"
+        if self.tbo_threshold is not None:
+            return (
+                "two-batch-overlap decode graphs need per-micro-batch attention graph state, which the attention "
+                "backends lack yet (engine/two_batch_graph.py)"
+            )
         if not self.attn.supports_cuda_graph:
             return f"the {self.attn.name} attention backend cannot be captured"
         return None

@@ -13,7 +13,7 @@ import torch
 
 from engine.attention import choose_backend
 from engine.config import EngineConfig
-from engine.cuda_graph import EagerGraph, GraphRunner, bucket_for, capture_sizes
+from engine.cuda_graph import EagerGraph, GraphRunner, NoPlugin, bucket_for, capture_sizes
 from engine.engine import Engine
 from engine.sampling import SamplingParams
 from engine.sync_probe import HostReadProbe
@@ -171,8 +171,9 @@ def test_graphs_are_off_on_cpu(engine: Engine):
     assert lines == ["CUDA graphs off: the model runs on cpu"]
 
 
-class RecordingPlugin:
+class RecordingPlugin(NoPlugin):
     def __init__(self) -> None:
+        super().__init__()
         self.captured: list[int] = []
         self.replayed: list[tuple[int, int]] = []
 

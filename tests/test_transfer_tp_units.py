@@ -71,7 +71,7 @@ def open_room(mgr: DecodeTransferManager, ranks: FakePrefillRanks, room: int = 1
     receiver = mgr.create_receiver(room, "127.0.0.1:1", [0, 1], 4)  # nobody there: bootstrap keeps failing
     with mgr._lock:
         r = mgr._room(room)
-        r.prefill_tp = 2
+        r.writers = {0, 1}
         r.legs = {i: Leg(f"inst{i}", ep, 1) for i, ep in enumerate(ranks.endpoints)}
         r.state.advance(TransferState.WAITING_FOR_INPUT)
     return receiver
@@ -150,3 +150,37 @@ def test_context_parallel_ranks_hold_every_head_and_must_split_the_push():
         check_rank_layout(TransferConfig(tp_rank=1, tp_size=2), pool_of(4, 1, 0))
     with pytest.raises(ValueError, match="use a --cp-size that divides 4 or is a multiple of it"):
         check_rank_layout(TransferConfig(tp_rank=1, tp_size=3, full_kv_heads=True), pool_of(4, 1, 0))
+
+
+def test_dp_attention_rooms_are_written_whole_by_their_owner_rank():
+    """DP attention: room R is written by prefill rank R % dp alone, as a one-rank prefill (every head, the aux row),
+    whatever the TP size; a DP size that is not the TP size, or ranks without every head, are refused."""
+    from transfer.bootstrap import room_writers, writer_ranks
+
+    assert [room_writers(r, 2, 2) for r in (4, 7)] == [[0], [1]]
+    assert room_writers(7, 2, 1) == [0, 1]
+    assert writer_ranks({"tp_size": 2, "dp_size": 2}) == 1 and writer_ranks({"tp_size": 2}) == 2
+    cfg = TransferConfig(tp_rank=1, tp_size=3, full_kv_heads=True, dp_size=3)
+    cfg.validate()
+    assert cfg.writer == (1, 0) and cfg.writes_aux
+    check_rank_layout(cfg, pool_of(4, 1, 0))  # 3 does not divide 4 heads: no matter, the owner writes them all
+    assert TransferConfig(tp_rank=1, tp_size=2).writes_aux is False
+    for bad in (dict(tp_size=2, dp_size=3, full_kv_heads=True), dict(tp_size=2, dp_size=2)):
+        with pytest.raises(ValueError, match="DP attention ranks"):
+            TransferConfig(**bad).validate()
+
+
+def test_a_dp_prefill_room_succeeds_on_its_owner_ranks_word_alone(backend, ranks):  # noqa: F811
+    mgr = manager(0)
+    backend.mgr = mgr
+    try:
+        receiver = open_room(mgr, ranks)
+        with mgr._lock:
+            mgr._room(1).writers = {1}  # room 1 of a DP2 prefill: rank 1 owns it
+        mgr.aux.write(mgr._room(1).aux_row, AuxRow(1, 4, 42, -0.5))  # the owner's aux row
+        mgr._handle(Status(1, TransferState.SUCCESS, 0, session=mgr.session))  # not a writer of this room: ignored
+        assert receiver.poll() == TransferState.WAITING_FOR_INPUT
+        mgr._handle(Status(1, TransferState.SUCCESS, 1, session=mgr.session))
+        assert receiver.poll() == TransferState.SUCCESS and receiver.result() == AuxRow(1, 4, 42, -0.5)
+    finally:
+        mgr.close()

@@ -311,10 +311,9 @@ class DecodeTransferManager(PrefillWatch, TransferManager):
             leg = r.legs.get(rank)
             if leg is not None:
                 leg.ended = leg.released = True  # every write of its part completed, even if we gave up on it
-            if rank in r.writers:
-                r.done.add(rank)
-            if r.state.terminal:
+            if rank not in r.writers or r.state.terminal:  # a rank that does not write this room has no say
                 return
+            r.done.add(rank)
             r.state.advance(TransferState.TRANSFERRING)
             if not r.writers <= r.done:
                 return
