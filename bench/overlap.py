@@ -1,7 +1,13 @@
-"""Two-batch overlap (TBO, issue 15): tokens/s with TBO off vs on at TP=2 on CPU, with and without an emulated
-collective latency.
+"""Two-batch overlap (TBO, issue 15): tokens/s with TBO off vs on at TP=2 (or TP/DP=2) on CPU, with and without an
+emulated collective latency.
 
     .venv/bin/python bench/overlap.py [--model builtin:bench-llama] [--reps 3] [--latency-ms X] [--decode-steps 4]
+                                      [--dp-attention]
+
+`--dp-attention` runs the same table with DP attention (`--tp-size 2 --dp-size 2 --enable-dp-attention`): each rank
+runs its own copy of each batch (two DP ranks with equal load); a layer's two collectives are then the MLP's gather
+and all-reduce instead of the o_proj and down_proj all-reduces, so the ideal and bound columns (modelled on the TP
+all-reduces) are left out and only the measured ratios are reported.
 
 Two TP ranks (rank 0 here, rank 1 spawned; one torch thread each) run the same batches through
 `ModelRunner.forward`, switching `runner.tbo_threshold` per forward: None (off), 0.48 (two-chunk allowed) or 0.0
@@ -159,9 +165,10 @@ def measure(w: Workloads, variants: list[tuple], reps: int, label: str) -> dict[
 def run_rank(rank: int, address: str, args: argparse.Namespace) -> dict | None:
     torch.set_num_threads(1)
     tp = init_tp_group(rank, 2, address, "cpu", 600.0)
+    dp = dict(dp_size=2, enable_dp_attention=True) if args.dp_attention else {}
     cfg = EngineConfig(model=args.model, device="cpu", tp_size=2, page_size=PAGE, num_pages=args.pages,
                        skip_warmup=True, enable_two_batch_overlap=True, tbo_token_distribution_threshold=TWO_CHUNK,
-                       dist_timeout_s=600.0)  # fmt: skip
+                       dist_timeout_s=600.0, **dp)  # fmt: skip
     engine = Engine(cfg, tp)
     leader = tp.is_leader
     t_start = time.perf_counter()
@@ -171,7 +178,8 @@ def run_rank(rank: int, address: str, args: argparse.Namespace) -> dict | None:
     measure(w, VARIANTS + CHILDREN, 1, "warm-up")
     plain = measure(w, VARIANTS + CHILDREN, args.reps, "no emulation")
     counts = {k: w.counts(wl, thr) for k, wl, thr in VARIANTS if thr is not None}
-    allreduce = w.allreduce_s({n for c in counts.values() for n in c}, engine.model_config.hidden_size)
+    allreduce = {} if args.dp_attention else w.allreduce_s({n for c in counts.values() for n in c},
+                                                            engine.model_config.hidden_size)  # fmt: skip
     layers = engine.runner.num_layers
     latency = args.latency_ms / 1e3 if args.latency_ms is not None else plain["balanced/off"] / (4 * layers)
     latency = tp.broadcast_object(latency)  # every rank emulates the same latency
@@ -235,6 +243,9 @@ def report(r: dict, args: argparse.Namespace) -> None:
         "decode": f"decode {args.decode_batch} seqs, {args.decode_prefix}-token prefix",
     }
     how = {"on": "", "two-chunk": ", two-chunk (0.48)", "seq-split": ", sequence-boundary split (0)"}
+    if args.dp_attention:
+        report_dp(r, args, names, how)
+        return
     print(f"\nTP=2 on CPU, {args.model} ({layers} layers), 1 torch thread per rank, median of {args.reps} reps")
     why = "(--latency-ms)" if args.latency_ms is not None else "(= plain balanced forward / (2 x layers x 2))"
     print(f"emulated all-reduce latency L = {lat * 1e3:.2f} ms {why}")
@@ -289,6 +300,35 @@ def report(r: dict, args: argparse.Namespace) -> None:
     print(f"\nbenchmark wall time (after model load): {r['wall_s']:.0f} s")
 
 
+def report_dp(r: dict, args: argparse.Namespace, names: dict, how: dict) -> None:
+    """The measured table of a DP-attention run (no ideal: the model above is of TP's all-reduces)."""
+    lat = r["latency"]
+    print(f"\nTP/DP=2 (DP attention) on CPU, {args.model} ({r['layers']} layers), each rank its own copy of each "
+          f"batch, 1 torch thread per rank, median of {args.reps} reps")  # fmt: skip
+    print(f"emulated collective latency L = {lat * 1e3:.2f} ms (MLP gather and all-reduce alike)")
+    print("\n| workload | emulated latency | off tok/s per rank | on tok/s per rank | on/off | two-chunk / seq-split |")
+    print("|---|---|---|---|---|---|")
+    ratios = {}
+    for label, L, t in (("none", 0.0, r["plain"]), (f"{lat * 1e3:.1f} ms", lat, r["emulated"])):
+        for key in ON_VARIANTS:
+            wl, kind = key.split("/")
+            n, off, on = r["tokens"][wl], t[f"{wl}/off"], t[key]
+            ratios[(key, L)] = off / on
+            extra = ""
+            if kind == "two-chunk":
+                ratios[("tc", L)] = t["skewed/seq-split"] / on
+                extra = f"{ratios[('tc', L)]:.2f}x"
+            print(f"| {names[wl]}{how[kind]} | {label} | {n / off:,.0f} | {n / on:,.0f} | {off / on:.2f}x | {extra} |")
+    bal, tc = ratios[("balanced/on", lat)], ratios[("tc", lat)]
+    print(f"\nGoal: with emulation, TBO >= 1.3x no-TBO on balanced prefill: {bal:.2f}x — "
+          f"{'PASS' if bal >= 1.3 else 'MISS'}")  # fmt: skip
+    print(f"Goal: with emulation, two-chunk >= 1.2x the sequence-boundary split on {args.skewed}: {tc:.2f}x — "
+          f"{'PASS' if tc >= 1.2 else 'MISS'}")  # fmt: skip
+    plain = ", ".join(f"{k} {ratios[(k, 0.0)]:.2f}x" for k in ON_VARIANTS)
+    print(f"Without emulation: on/off {plain}; two-chunk / seq-split {ratios[('tc', 0.0)]:.2f}x")
+    print(f"\nbenchmark wall time (after model load): {r['wall_s']:.0f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:bench-llama")
@@ -301,6 +341,7 @@ def main() -> None:
     ap.add_argument("--decode-prefix", type=int, default=256)
     ap.add_argument("--decode-steps", type=int, default=4)
     ap.add_argument("--pages", type=int, default=1024)
+    ap.add_argument("--dp-attention", action="store_true", help="TP/DP=2 with DP attention instead of TP=2")
     args = ap.parse_args()
     if args.latency_ms is not None and args.latency_ms < 0:
         ap.error("--latency-ms must be >= 0")

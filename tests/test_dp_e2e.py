@@ -43,3 +43,19 @@ def test_dp2_attention_through_prefill_and_decode_matches_transformers(tbo, refe
             assert metric(text, "pdserve_kv_transfer_rank_bytes_total", f'role="prefill",tp_rank="{rank}"') > 0
     finally:
         stack.stop()
+
+
+@pytest.mark.parametrize("side", ["prefill", "decode"])
+def test_dp_attention_on_one_side_serves_a_tp_peer(side, reference):  # noqa: F811
+    """DP attention on one server only: a DP prefill's owner rank writes a TP2 decode's two ranks their heads; a TP2
+    prefill's two ranks write each DP decode rank (a one-rank decode) its heads of the room."""
+    generate, text_ids, _, _ = reference
+    stack = tp_stack("mooncake", 2, 2, router_extra=["--local-prefill-max-tokens", "0"], **{f"{side}_extra": DP})
+    try:
+        body = {"text": PROMPTS, "sampling_params": {"max_new_tokens": 6, "temperature": 0}}
+        r = httpx.post(f"{stack.router_url}/generate", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert [o["output_ids"] for o in r.json()] == [generate(text_ids(t), 6) for t in PROMPTS]
+        wait_pages_free(stack)
+    finally:
+        stack.stop()
