@@ -32,6 +32,11 @@ def test_dp2_attention_through_prefill_and_decode_matches_transformers(tbo, refe
             assert r.status_code == 200, r.text
             out = r.json() if isinstance(r.json(), list) else [r.json()]
             assert [o["output_ids"] for o in out] == [generate(text_ids(t), 8) for t in texts]
+        # no bootstrap fields (the router's local-prefill path): the decode rank owning the rid prefills it itself
+        body = {"text": PROMPTS, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+        r = httpx.post(f"{stack.decode_url}/generate", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert [o["output_ids"] for o in r.json()] == [generate(text_ids(t), 8) for t in PROMPTS]
         wait_pages_free(stack)
         for url, role in ((stack.prefill_url, "prefill"), (stack.decode_url, "decode")):
             text = httpx.get(f"{url}/metrics", timeout=10).text

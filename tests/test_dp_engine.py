@@ -187,6 +187,35 @@ def test_a_rank_skipping_its_idle_forward_fails_its_peer_within_the_timeout(dp_m
     assert ranks[0]["error"] is not None and 2.5 < ranks[0]["seconds"] < 30, ranks[0]
 
 
+@pytest.mark.parametrize("tbo", [False, True], ids=["plain", "tbo"])
+def test_generate_cli_dp2_matches_transformers(dp_model: str, tbo: bool):
+    """`pdserve generate --tp-size 2 --dp-size 2 --enable-dp-attention` with several --prompt as one batch: prompts
+    spread over the ranks (3 prompts: one rank has two, the other one and then runs IDLE), the long one chunked, the
+    answers in prompt order, each token-exact with transformers."""
+    import json
+
+    import transformers
+
+    from tests.test_tp_engine import run_cli
+
+    prompts = ["Hi!", "The quick brown fox jumps over the lazy dog", "def main():\n    return 4 * 8 + len('x')\n" * 3]
+    new = 10
+    argv = [a for p in prompts for a in ("--prompt", p)]
+    flags = ["--enable-two-batch-overlap"] if tbo else []
+    proc = run_cli("--model", dp_model, "--tp-size", "2", "--dp-size", "2", "--enable-dp-attention", *flags,
+                   "--chunked-prefill-size", "32", "--page-size", "4", "--skip-warmup", *argv, "--json",
+                   "--ignore-eos", "--max-new-tokens", str(new))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    outs = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(outs) == 3 and len(outs[2]["prompt_token_ids"]) > 64
+    ref = transformers.AutoModelForCausalLM.from_pretrained(dp_model, dtype=torch.float32).eval()
+    for out, text in zip(outs, prompts, strict=True):
+        ids = torch.tensor([out["prompt_token_ids"]])
+        with torch.no_grad():
+            gen = ref.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        assert out["token_ids"] == gen[0, ids.shape[1] :].tolist(), text
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
