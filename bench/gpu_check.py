@@ -41,6 +41,7 @@ CHECKS = (
     Check("backend_logits", f"{N}:backend_logits", 150, "FlashInfer vs torch logits: prefill, extend, decode"),
     Check("greedy_vs_hf", f"{N}:greedy_vs_hf", 150, "greedy tokens: FlashInfer = torch = transformers"),
     Check("cuda_graph_equals_eager", f"{N}:cuda_graph_equals_eager", 150, "graph decode = eager decode"),
+    Check("tbo_cuda_graph_equals_eager", f"{N}:tbo_cuda_graph_equals_eager", 150, "TBO graph decode = eager"),
     Check("syncs_per_decode_step", f"{S}:syncs_per_decode_step", 120, "host-device syncs in one decode step"),
     Check("decode_throughput", f"{S}:decode_throughput", 180, "decode tokens/s: eager, graphs, transformers"),
     Check("pipeline_event_order", f"{T}:pipeline_event_order", 150, "layer pipeline with the GPU lagging"),

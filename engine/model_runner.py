@@ -40,7 +40,9 @@ class LayerwiseForward:
     model sees the local batch and an attention that stores the whole group's KV; `cp_refusal` says why a batch
     ran whole instead (None when it ran context-parallel, or CP is off)."""
 
-    def __init__(self, runner: ModelRunner, batch: ForwardBatch) -> None:
+    def __init__(self, runner: ModelRunner, batch: ForwardBatch, prepared: bool = False) -> None:
+        """`prepared`: the backend planned `batch` already (a micro-batch of a CUDA graph: `activate` switches to
+        it; planning again inside a capture would plan the eager wrappers)."""
         self.runner = runner
         self.batch = batch
         self.cp: ContextParallelStep | None = None
@@ -53,7 +55,10 @@ class LayerwiseForward:
         self.run_batch = self.cp.batch if self.cp is not None else batch
         self.tokens = batch.dp  # DP attention: every rank's rows of this batch (None otherwise)
         self.attn: AttentionBackend = self.cp.attn if self.cp is not None else runner.attn
-        self.attn.prepare(self.run_batch)
+        if prepared:
+            self.attn.activate(self.run_batch)
+        else:
+            self.attn.prepare(self.run_batch)
         with torch.inference_mode():
             self.hidden = runner.model.embed(self.run_batch.input_ids)
             self.rope = runner.model.rope_tables(self.run_batch.positions)  # once per forward, not once per layer
@@ -132,10 +137,15 @@ class ModelRunner:
     ) -> ForwardBatch:
         return ForwardBatch.build(new_tokens, prefix_lens, page_tables, self.pool.page_size, self.device, mixed)
 
-    def start_forward(self, batch: ForwardBatch, split: bool = True) -> LayerwiseForward | OverlappedForward:
+    def start_forward(
+        self, batch: ForwardBatch, split: bool = True, prepared: bool = False
+    ) -> LayerwiseForward | OverlappedForward:
         """The batch's forward: as two overlapped micro-batches where two-batch overlap is on and the batch splits
         (`split=False`: never, the micro-batches' own forwards), else whole (context-parallel where eligible).
-        Under DP attention the step's agreed plan decides (`agree` first; done here when the caller did not)."""
+        Under DP attention the step's agreed plan decides (`agree` first; done here when the caller did not).
+        `prepared` (with `split=False`): the backend planned the batch already (LayerwiseForward)."""
+        if prepared:
+            return LayerwiseForward(self, batch, prepared=True)
         if split and self.dp is not None:
             plan = batch.dp_plan if batch.dp_plan is not None else self.agree(batch, True)
             if plan.run_tbo:
@@ -214,11 +224,6 @@ class ModelRunner:
             return f"the model runs on {self.device}"
         if self.dp is not None:
             return "DP attention runs its forwards eagerly (each step's row counts differ per rank)"
-        if self.tbo_threshold is not None:
-            return (
-                "two-batch-overlap decode graphs need per-micro-batch attention graph state, which the attention "
-                "backends lack yet (engine/two_batch_graph.py)"
-            )
         if not self.attn.supports_cuda_graph:
             return f"the {self.attn.name} attention backend cannot be captured"
         return None

@@ -115,12 +115,23 @@ class OverlappedForward:
     cp_refusal: str | None = None
 
     def __init__(
-        self, runner: ModelRunner, batch: ForwardBatch, plan: TwoBatchPlan, dp_plan: DPStepPlan | None = None
+        self,
+        runner: ModelRunner,
+        batch: ForwardBatch,
+        plan: TwoBatchPlan,
+        dp_plan: DPStepPlan | None = None,
+        prepared: tuple[ForwardBatch | None, ForwardBatch | None] | None = None,
     ) -> None:
+        """`prepared`: the children, built and planned by the caller (the CUDA-graph plugin, into their own graph
+        buffers): they are switched to, not planned again."""
         self.runner = runner
         self.batch: ForwardBatch | None = batch
         self.plan: TwoBatchPlan | None = plan
         self.forwards: list[LayerwiseForward | IdleForward | None] = []
+        if prepared is not None:
+            self.forwards = [None if c is None else runner.start_forward(c, False, prepared=True) for c in prepared]  # type: ignore[misc]
+            self.next_layer = 0
+            return
         for i, child in enumerate(child_batches(batch, plan)):
             tokens = None if dp_plan is None else dp_plan.child_tokens(i)
             if child is None:

@@ -12,10 +12,13 @@ as two overlapped micro-batches (tbo_cp.md §1.6, with its replay-helper fix).
 * `can_replay(batch)`: a bucket replays its TBO graph only when two-batch overlap may run this step (the plugin is
   enabled); otherwise the runner runs the step eagerly.
 
-What runs inside the graph is `OverlappedForward` on the padded batch and the plan (`plan`) the bucket was captured
-with. On CPU the runner's eager stand-in (`EagerGraph`) re-runs it at each replay, which tests every index here; a
-real CUDA capture of it needs per-micro-batch attention graph state (each child its own FlashInfer wrapper buffers),
-which the FlashInfer backend does not have yet, so `ModelRunner` keeps graphs off on CUDA when TBO is on.
+What runs inside the graph is `OverlappedForward` on the padded batch's two children. Each child is planned, outside
+the graph (before capture, and again before every replay from that step's page tables and lengths), into attention
+graph buffers of its own (`prepare_graph(child, bs/2, slot)`: slots "a" and "b", the FlashInfer backend giving each
+slot its own wrapper buffers and workspace), and inside the graph the executor only switches between them
+(`activate`). On CPU the runner's eager stand-in (`EagerGraph`) re-runs the body at each replay with the children
+planned for that replay, which tests every index here; the real capture runs in the device check (bench/gpu_check.py
+`tbo_cuda_graph_equals_eager`) and has not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from engine.batch import ForwardBatch
 from engine.device import to_device
 from engine.two_batch import DECODE, SplitPoint, TwoBatchPlan, build_children, capture_split, replay_token_counts
-from engine.two_batch_forward import OverlappedForward
+from engine.two_batch_forward import OverlappedForward, child_batches
 
 if TYPE_CHECKING:
     from engine.model_runner import ModelRunner
@@ -43,20 +46,25 @@ class TwoBatchGraphPlugin:
         self.device = runner.device
         self.counts = torch.zeros(2, dtype=torch.int32, device=self.device)  # read by the captured graphs
         self.splits: dict[int, SplitPoint] = {}
-        # the padded batch of the replay under way, per bucket: its children's attention metadata comes from its
-        # host lists (the capture-time batch only has padding rows)
-        self._replaying: dict[int, ForwardBatch] = {}
+        # per bucket: the padded batch of the capture or of the replay under way, its plan and its two children,
+        # each planned into its own graph buffers (slots "a", "b") from that batch's host lists
+        self._children: dict[int, tuple[ForwardBatch, TwoBatchPlan, tuple]] = {}
+        # what each bucket was captured with: a captured graph keeps reading the device tensors it saw (the children's
+        # last-token rows), so they must outlive every replay
+        self._captured: dict[int, tuple[ForwardBatch, TwoBatchPlan, tuple]] = {}
 
     def capture_one_batch_size(self, graph_batch_size: int, batch: ForwardBatch) -> None:
         split = capture_split(graph_batch_size)
         self.splits[graph_batch_size] = split
         self._write((split.token_index, graph_batch_size - split.token_index))
+        self._prepare_children(batch)
+        self._captured[graph_batch_size] = self._children[graph_batch_size]
 
     def replay_prepare(self, batch: ForwardBatch, padded: ForwardBatch, graph_batch_size: int) -> None:
         if graph_batch_size not in self.splits:
             raise ValueError(f"no two-batch graph was captured for batch size {graph_batch_size}")
         self._write(replay_token_counts(graph_batch_size, batch.batch_size, DECODE))
-        self._replaying[graph_batch_size] = padded
+        self._prepare_children(padded)
         self.runner.tbo_steps += 1
 
     def can_replay(self, batch: ForwardBatch) -> bool:
@@ -66,8 +74,8 @@ class TwoBatchGraphPlugin:
     def body(self, padded: ForwardBatch) -> torch.Tensor:
         """What the bucket's graph computes: the padded batch as its two micro-batches, overlapped. At a replay the
         children are views of the same static buffers, with the replay's page tables and lengths."""
-        padded = self._replaying.pop(padded.batch_size, padded)
-        fwd = OverlappedForward(self.runner, padded, self.plan(padded))
+        padded, plan, children = self._children[padded.batch_size]
+        fwd = OverlappedForward(self.runner, padded, plan, prepared=children)
         fwd.run_layers(0, self.runner.num_layers)
         return fwd.logits()
 
@@ -77,6 +85,16 @@ class TwoBatchGraphPlugin:
         if bs not in self.splits:
             raise ValueError(f"no two-batch graph was captured for batch size {bs}")
         return build_children(self.splits[bs], padded.prefix_lens, padded.extend_lens)
+
+    def _prepare_children(self, padded: ForwardBatch) -> None:
+        """Plan both children of the bucket into their graph slots (outside the graph: before capture or replay).
+        Their rows are views of the bucket's static buffers; their last-token rows are 0..n-1 at every replay."""
+        plan = self.plan(padded)
+        children = child_batches(padded, plan)
+        for slot, child in zip("ab", children, strict=True):
+            assert child is not None, "an even bucket of one token per row splits into two non-empty halves"
+            self.runner.attn.prepare_graph(child, child.batch_size, slot)
+        self._children[padded.batch_size] = (padded, plan, children)
 
     def _write(self, counts: tuple[int, int]) -> None:
         # a non-blocking copy from pinned memory: the tensor's address never changes, only its value

@@ -31,8 +31,9 @@ def test_layout_is_503_until_every_rank_registered(server: str):
     with pytest.raises(BootstrapError, match="1 of 2 prefill ranks registered"):
         fetch_route(server)
     register_rank(server, rank(1))
-    assert fetch_route(server) == {"tp_size": 2, "dp_size": 1, "page_size": 16, "kv_dtype": "bfloat16", "num_layers": 32,
-                                   "num_kv_heads": 8, "head_dim": 128, "backend": "mooncake"}  # fmt: skip
+    assert fetch_route(server) == {"tp_size": 2, "dp_size": 1, "page_size": 16, "kv_dtype": "bfloat16",
+                                   "num_layers": 32, "num_kv_heads": 8, "head_dim": 128,
+                                   "backend": "mooncake"}  # fmt: skip
     assert fetch_route(server, tp_rank=1) == {"rank_ip": "10.0.0.1", "rank_port": 7001, "instance": "i1"}
 
 

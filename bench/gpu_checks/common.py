@@ -57,7 +57,7 @@ def graph_runner(engine: Engine) -> Any:
 
 def make_engine(
     backend: str = "flashinfer", *, graphs: bool = False, dtype: str = DTYPE, pages: int = 2048,
-    max_batch: int = 64, max_bs: int = 32,
+    max_batch: int = 64, max_bs: int = 32, tbo: bool = False,
 ) -> Engine:  # fmt: skip
     """An engine on cuda for MODEL, checked to run the attention backend and graph mode asked for (graphs:
     buckets up to `max_bs`, which covers every batch the checks decode)."""
@@ -71,6 +71,8 @@ def make_engine(
         kw["disable_cuda_graph"] = not graphs
     if graphs:
         kw["cuda_graph_max_bs"] = max_bs
+    if tbo:  # two-batch overlap (issue 15): its decode graphs come from the TBO plugin
+        kw["enable_two_batch_overlap"] = True
     engine = Engine(engine_config(**kw))
     got = backend_name(engine)
     if backend != "auto" and got != backend:

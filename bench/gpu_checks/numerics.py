@@ -181,10 +181,13 @@ def _decode_logits(engine: Engine, prompts: list[list[int]], tokens: list[int]) 
         free(engine, tables)
 
 
-def cuda_graph_equals_eager(ctx: Ctx) -> Outcome:
+def cuda_graph_equals_eager(ctx: Ctx, tbo: bool = False) -> Outcome:
     require_cuda()
     new = 8 if ctx.quick else 16
-    graphed, eager = make_engine("flashinfer", graphs=True), make_engine("flashinfer")
+    graphed, eager = make_engine("flashinfer", graphs=True, tbo=tbo), make_engine("flashinfer")
+    name = "tbo_cuda_graph_equals_eager" if tbo else "cuda_graph_equals_eager"
+    if tbo:  # every bucket even (split in halves), each child planned into its own graph buffers
+        ctx.progress(f"TBO plugin: {type(graphs_plugin(graphed)).__name__}")
     graphs = graph_runner(graphed)
     buckets = sorted(graphs.batch_sizes)
     ctx.progress(f"captured buckets {buckets}")
@@ -210,10 +213,23 @@ def cuda_graph_equals_eager(ctx: Ctx) -> Outcome:
         rows.append((bs, bucket if bucket is not None else "eager", replays, same, f"{d.max_abs:.5f}", f"{d.rel:.5f}",
                      "yes" if d.max_abs == 0 else "no", "ok" if ok else "FAIL"))  # fmt: skip
     table = format_table(
-        f"cuda_graph_equals_eager: FlashInfer bf16, {new} greedy tokens, then one decode forward compared",
+        f"{name}: FlashInfer bf16, {new} greedy tokens, then one decode forward compared",
         ["batch", "bucket", "replays", "tokens =", "max|d|", "rel", "bitwise", "ok"], rows,
     )  # fmt: skip
     if bad:
         return Outcome.of(False, "; ".join(bad), [table])
     return Outcome.of(True, f"batches {', '.join(str(r[0]) for r in rows)}: tokens identical, decode logits within "
                       f"{GRAPH_TOL} of scale; buckets {buckets}", [table])  # fmt: skip
+
+
+def graphs_plugin(engine: Engine) -> object:
+    plugin = graph_runner(engine).plugin
+    if not getattr(plugin, "even_sizes", False):
+        raise RuntimeError(f"two-batch overlap is on, but the graphs were captured with {type(plugin).__name__}")
+    return plugin
+
+
+def tbo_cuda_graph_equals_eager(ctx: Ctx) -> Outcome:
+    """Decode graphs captured by the two-batch-overlap plugin (TP=1: each bucket split in halves, the micro-batches
+    interleaved inside the graph) against eager decode without overlap."""
+    return cuda_graph_equals_eager(ctx, tbo=True)

@@ -35,9 +35,11 @@ class AttentionBackend(ABC):
         it prepares again; a backend whose metadata lives on the batch just switches to it."""
         self.prepare(batch)
 
-    def prepare_graph(self, batch: ForwardBatch, graph_batch_size: int) -> None:
+    def prepare_graph(self, batch: ForwardBatch, graph_batch_size: int, slot: str = "") -> None:
         """Like `prepare`, for a decode batch padded to `graph_batch_size` rows that runs inside that bucket's
-        captured graph: the metadata must go into the buffers the graph was captured with."""
+        captured graph: the metadata must go into the buffers the graph was captured with. `slot` names another set
+        of such buffers for the same size (the micro-batches of a two-batch-overlap graph, each its own, planned
+        together and then switched between with `activate`)."""
         raise NotImplementedError(f"the {self.name} attention backend has no CUDA-graph mode")
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

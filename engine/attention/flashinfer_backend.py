@@ -49,15 +49,22 @@ class FlashInferAttention(AttentionBackend):
             self._workspace, KV_LAYOUT, backend=self.prefill_family
         )
         self._decode = self._decode_wrapper()
-        self._graph_decode: dict[int, Any] = {}  # captured batch size -> its CUDA-graph decode wrapper
+        # (captured batch size, slot) -> its CUDA-graph decode wrapper; slots ("a", "b": the micro-batches of a
+        # two-batch-overlap graph) plan side by side, so each slot has its own workspace (FlashInfer keeps a plan's
+        # scheduling data there)
+        self._graph_decode: dict[tuple[int, str], Any] = {}
+        self._slot_workspace: dict[str, torch.Tensor] = {}
         self._active: Any = None
         # Reference semantics: key j is visible from query i when i - j < window, i.e. window - 1 to the left.
         self._window_left = sliding_window - 1 if sliding_window else -1
         dtype = pool.layout.dtype
         self._common = dict(window_left=self._window_left, sm_scale=self.scale, q_data_type=dtype, kv_data_type=dtype)
 
-    def _decode_wrapper(self, graph_batch_size: int | None = None) -> Any:
+    def _decode_wrapper(self, graph_batch_size: int | None = None, slot: str = "") -> Any:
         kwargs: dict[str, Any] = {}
+        workspace = self._workspace
+        if slot:
+            workspace = self._slot_workspace.setdefault(slot, torch.empty_like(self._workspace))
         if graph_batch_size is not None:
             dev, i32 = self.pool.device, torch.int32
             # every row's pages are distinct except padding rows, which share the pool's scratch page
@@ -69,7 +76,7 @@ class FlashInferAttention(AttentionBackend):
                 paged_kv_last_page_len_buffer=torch.zeros(graph_batch_size, dtype=i32, device=dev),
             )
         return self._flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self._workspace, KV_LAYOUT, use_tensor_cores=True, backend="fa2", **kwargs
+            workspace, KV_LAYOUT, use_tensor_cores=True, backend="fa2", **kwargs
         )
 
     def _paged_inputs(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,15 +110,22 @@ class FlashInferAttention(AttentionBackend):
         )  # fmt: skip
         self._active = self._prefill
 
-    def prepare_graph(self, batch: ForwardBatch, graph_batch_size: int) -> None:
+    def activate(self, batch: ForwardBatch) -> None:
+        if batch.attn_metadata is None:
+            self.prepare(batch)  # the eager wrappers hold one plan at a time: plan it again
+        else:  # planned into its own graph wrapper (prepare_graph): switch to it
+            self.batch, self._active = batch, batch.attn_metadata
+
+    def prepare_graph(self, batch: ForwardBatch, graph_batch_size: int, slot: str = "") -> None:
         if batch.mode != ForwardMode.DECODE or batch.batch_size != graph_batch_size:
             raise ValueError(f"a CUDA-graph batch is a decode batch of exactly {graph_batch_size} rows")
-        wrapper = self._graph_decode.get(graph_batch_size)
+        key = (graph_batch_size, slot)
+        wrapper = self._graph_decode.get(key)
         if wrapper is None:
-            wrapper = self._graph_decode[graph_batch_size] = self._decode_wrapper(graph_batch_size)
+            wrapper = self._graph_decode[key] = self._decode_wrapper(graph_batch_size, slot)
         self.batch = batch
         self._plan_decode(wrapper, batch)
-        self._active = wrapper
+        self._active = batch.attn_metadata = wrapper
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = (self.pool.k[layer], self.pool.v[layer])  # each [pages + 1, kv_heads, page_size, head_dim]

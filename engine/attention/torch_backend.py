@@ -41,7 +41,7 @@ class TorchAttention(AttentionBackend):
         else:  # everything it needs is on the batch
             self.batch = batch
 
-    def prepare_graph(self, batch: ForwardBatch, graph_batch_size: int) -> None:
+    def prepare_graph(self, batch: ForwardBatch, graph_batch_size: int, slot: str = "") -> None:
         # Never captured for real (`supports_cuda_graph` is False: its decode metadata changes shape with the
         # longest sequence); this lets the graph runner's padding run on CPU with an eager stand-in graph.
         self.prepare(batch)
