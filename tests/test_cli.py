@@ -117,6 +117,19 @@ def test_launch_sets_each_side_tp_size() -> None:
         assert (p.tp_size, d.tp_size) == want, argv
 
 
+def test_launch_passes_dp_attention_to_both_sides_or_one() -> None:
+    from pdserve.cli import build_parser, engine_argv, forwarded_argv
+    from pdserve.local import child_commands
+
+    dp = ["--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"]
+    prefill_only = ["--prefill-tp-size", "2", "--prefill-dp-size", "2", "--prefill-enable-dp-attention"]
+    for argv, want in ((dp, ((2, True), (2, True))), (prefill_only, ((2, True), (1, False)))):
+        args, extra = build_parser().parse_known_args(["launch", *argv])
+        commands = child_commands(args, engine_argv(args), 1, 2, 3, forwarded_argv(extra))
+        p, d = (build_parser().parse_args(commands[n][3:]) for n in ("prefill", "decode"))
+        assert ((p.dp_size, p.enable_dp_attention), (d.dp_size, d.enable_dp_attention)) == want, argv
+
+
 def test_launch_passes_chunking_to_both_sides_and_the_prefix_cache_flag_to_prefill() -> None:
     from pdserve.cli import build_parser, engine_argv, forwarded_argv
     from pdserve.local import child_commands
