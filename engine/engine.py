@@ -284,13 +284,12 @@ class Engine:
     def _dp_step(self, scheduled: ScheduledBatch | None) -> list[Request]:
         """A DP-attention step: agree with every rank (each has its own requests), then run this rank's batch, an
         IDLE forward when only others have one, or nothing when no rank has one. A failure stops the rank."""
-        batch = None if scheduled is None else self.build_batch(scheduled)
         try:
-            self.last_dp_plan = plan = self.runner.agree(batch, self.has_work)
             if scheduled is None:
-                if plan.is_idle:
-                    self.runner.run_idle(plan)
+                self.last_dp_plan = self.runner.idle_step(self.has_work)
                 return []
+            batch = self.build_batch(scheduled)
+            self.last_dp_plan = self.runner.agree(batch, self.has_work)
             sample = self._run(scheduled, batch)
         except Exception as e:
             raise TPStepError(f"DP rank {self.tp.rank} of {self.tp.size}: {_forward_error(e)}") from e

@@ -176,6 +176,14 @@ class ModelRunner:
         """This step's plan, agreed by every DP rank (one all-gather); every rank must call it once per step."""
         return agree(self, batch, has_work)
 
+    def idle_step(self, has_work: bool) -> DPStepPlan:
+        """A step in which this rank has no batch: agree, then run IDLE if another rank has one (no forward at all
+        when none has). `has_work`: this rank still holds requests."""
+        plan = self.agree(None, has_work)
+        if plan.is_idle:
+            self.run_idle(plan)
+        return plan
+
     def run_idle(self, plan: DPStepPlan) -> None:
         """This rank's IDLE forward for a step where another rank has a batch: the same collectives, no rows."""
         if not plan.is_idle:

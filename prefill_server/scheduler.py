@@ -173,9 +173,7 @@ class PrefillScheduler(SchedulerLoop):
             self._forward(rows)
             worked = True
         elif self.engine.dp is not None:  # DP attention: agree with the other ranks; run IDLE if one has a batch
-            plan = self.engine.runner.agree(None, bool(self.jobs))
-            if plan.is_idle:
-                self.engine.runner.run_idle(plan)
+            self.engine.runner.idle_step(bool(self.jobs))
         worked |= self._poll_inflight()
         self.reaper.reap()
         return worked

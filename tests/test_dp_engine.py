@@ -44,9 +44,7 @@ def forward(engine, batch):
     runner = engine.runner
     if runner.dp is None or batch is not None:
         return None if batch is None else runner.forward(batch)
-    plan = runner.agree(None, False)
-    if plan.is_idle:  # another rank has a batch (when none has, no rank runs a forward)
-        runner.run_idle(plan)
+    runner.idle_step(False)  # IDLE when another rank has a batch (when none has, no rank runs a forward)
     return None
 
 
