@@ -22,9 +22,9 @@ rank's report; `agree_step` turns them into the same `DPStepPlan` everywhere (tb
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from engine.two_batch import DECODE, EXTEND, IDLE, split_mode
+from engine.two_batch import DECODE, EXTEND, IDLE, TwoBatchPlan, split_mode
 
 _MODE_CODES = {IDLE: 0, EXTEND: 1, DECODE: 2}
 _MODES_BY_CODE = {v: k for k, v in _MODE_CODES.items()}
@@ -103,6 +103,8 @@ class DPStepPlan:
     rank: int
     run_tbo: bool
     global_mode: str | None  # the non-idle ranks' family when they agree, else None
+    # this rank's own two-batch split (the one its report's child counts came from; None: no batch, or TBO off)
+    split: TwoBatchPlan | None = field(default=None, compare=False)
 
     @property
     def idle_all(self) -> bool:
@@ -130,14 +132,16 @@ class DPStepPlan:
         return DPTokens(tuple(s.child_tokens[child] for s in self.steps), self.rank)
 
 
-def agree_step(steps: Sequence[RankStep], rank: int, tbo_enabled: bool) -> DPStepPlan:
-    """Every rank's report → the step's plan (module docstring)."""
+def agree_step(
+    steps: Sequence[RankStep], rank: int, tbo_enabled: bool, split: TwoBatchPlan | None = None
+) -> DPStepPlan:
+    """Every rank's report → the step's plan (module docstring). `split`: this rank's split, kept on the plan."""
     if not steps or not 0 <= rank < len(steps):
         raise ValueError(f"rank {rank} outside the {len(steps)} reports")
     modes = {s.mode for s in steps if s.mode != IDLE}
     global_mode = modes.pop() if len(modes) == 1 else None
     run_tbo = tbo_enabled and global_mode is not None and all(s.can_tbo for s in steps)
-    return DPStepPlan(tuple(steps), rank, run_tbo, global_mode)
+    return DPStepPlan(tuple(steps), rank, run_tbo, global_mode, split)
 
 
 __all__ = ["ROW_LEN", "DPStepPlan", "DPTokens", "RankStep", "agree_step", "idle_step", "local_step"]

@@ -16,7 +16,7 @@ import torch
 
 from engine.batch import ForwardBatch
 from engine.dp_attention import DPStepPlan, DPTokens, RankStep, agree_step, idle_step, local_step
-from engine.two_batch import plan_two_batch
+from engine.two_batch import TwoBatchPlan, plan_two_batch
 
 if TYPE_CHECKING:
     from engine.model_runner import ModelRunner
@@ -58,15 +58,16 @@ class IdleForward:
         raise ValueError("an idle forward has no rows to take logits of")
 
 
-def report(runner: ModelRunner, batch: ForwardBatch | None, has_work: bool) -> RankStep:
-    """This rank's report: its tokens, mode and, with two-batch overlap on, its split's token counts."""
+def report(runner: ModelRunner, batch: ForwardBatch | None, has_work: bool) -> tuple[RankStep, TwoBatchPlan | None]:
+    """This rank's report (its tokens, mode and, with two-batch overlap on, its split's token counts) and that
+    split, which the step then runs if it overlaps: the counts reported are the counts run."""
     if batch is None:
-        return idle_step(has_work)
-    children = None
+        return idle_step(has_work), None
+    split = None
     if runner.tbo_threshold is not None:
         split = plan_two_batch(batch.mode.value, batch.prefix_lens, batch.extend_lens, runner.tbo_threshold)
-        children = split.real_token_counts
-    return local_step(batch.mode.value, batch.num_tokens, children, has_work)
+    children = None if split is None else split.real_token_counts
+    return local_step(batch.mode.value, batch.num_tokens, children, has_work), split
 
 
 def agree(runner: ModelRunner, batch: ForwardBatch | None, has_work: bool) -> DPStepPlan:
@@ -74,8 +75,9 @@ def agree(runner: ModelRunner, batch: ForwardBatch | None, has_work: bool) -> DP
     group = runner.dp
     if group is None:
         raise ValueError("the runner has no DP attention group")
-    rows = group.all_gather_ints(report(runner, batch, has_work).encode())
-    plan = agree_step([RankStep.decode(r) for r in rows], group.rank, runner.tbo_threshold is not None)
+    step, split = report(runner, batch, has_work)
+    rows = group.all_gather_ints(step.encode())
+    plan = agree_step([RankStep.decode(r) for r in rows], group.rank, runner.tbo_threshold is not None, split)
     if batch is not None:
         batch.dp_plan = plan
     return plan

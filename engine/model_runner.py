@@ -149,19 +149,15 @@ class ModelRunner:
         if split and self.dp is not None:
             plan = batch.dp_plan if batch.dp_plan is not None else self.agree(batch, True)
             if plan.run_tbo:
-                return self._overlapped(batch, self._split(batch), plan)
+                assert plan.split is not None, "a rank with a batch that agreed to overlap reported its split"
+                return self._overlapped(batch, plan.split, plan)
             batch.dp = plan.tokens
             return LayerwiseForward(self, batch)
         if split and self.tbo_threshold is not None and self.cp is None and batch.mode in _TBO_MODES:
-            plan = self._split(batch)
+            plan = plan_two_batch(batch.mode.value, batch.prefix_lens, batch.extend_lens, self.tbo_threshold)
             if not any(c.is_empty for c in plan.children):  # one rank: an empty micro-batch overlaps nothing
                 return self._overlapped(batch, plan)
         return LayerwiseForward(self, batch)
-
-    def _split(self, batch: ForwardBatch) -> TwoBatchPlan:
-        if self.tbo_threshold is None:
-            raise ValueError("two-batch overlap is off")
-        return plan_two_batch(batch.mode.value, batch.prefix_lens, batch.extend_lens, self.tbo_threshold)
 
     def _overlapped(
         self, batch: ForwardBatch, plan: TwoBatchPlan, dp_plan: DPStepPlan | None = None
