@@ -16,13 +16,14 @@ import torch
 
 from engine.batch import ForwardBatch
 from engine.dp_attention import DPStepPlan, DPTokens, RankStep, agree_step, idle_step, local_step
+from engine.layer_cursor import LayerCursor
 from engine.two_batch import TwoBatchPlan, plan_two_batch
 
 if TYPE_CHECKING:
     from engine.model_runner import ModelRunner
 
 
-class IdleForward:
+class IdleForward(LayerCursor):
     """An IDLE rank's forward (or an empty micro-batch's): `LayerwiseForward`'s interface with zero rows."""
 
     cp = None
@@ -38,18 +39,12 @@ class IdleForward:
         model = runner.model
         weight = model.embed_tokens.weight
         self.hidden = torch.empty(0, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
-        self.next_layer = 0
-
-    @property
-    def done(self) -> bool:
-        return self.next_layer == self.runner.num_layers
 
     def attention(self) -> None:
         return None
 
     def run_layers(self, start: int, end: int) -> None:
-        if start != self.next_layer:
-            raise ValueError(f"layer ranges must be consecutive: expected start {self.next_layer}, got {start}")
+        self._check_start(start)
         with torch.inference_mode():
             self.hidden = self.runner.model.run_layers(self.hidden, None, start, end, None, self.tokens)
         self.next_layer = end

@@ -23,6 +23,7 @@ from engine.distributed import TPGroup
 from engine.dp_attention import DPStepPlan
 from engine.dp_forward import IdleForward, agree
 from engine.kvcache import KVPool
+from engine.layer_cursor import LayerCursor
 from engine.models import LlamaFamilyModel
 from engine.two_batch import TwoBatchPlan, plan_two_batch
 from engine.two_batch_forward import OverlappedForward
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 _TBO_MODES = (ForwardMode.EXTEND, ForwardMode.MIXED, ForwardMode.DECODE)
 
 
-class LayerwiseForward:
+class LayerwiseForward(LayerCursor):
     """One batch's forward, advanced one layer range at a time.
 
     On a context-parallel runner an eligible batch runs as this rank's zigzag share (engine/cp_forward.py): the
@@ -62,15 +63,9 @@ class LayerwiseForward:
         with torch.inference_mode():
             self.hidden = runner.model.embed(self.run_batch.input_ids)
             self.rope = runner.model.rope_tables(self.run_batch.positions)  # once per forward, not once per layer
-        self.next_layer = 0
-
-    @property
-    def done(self) -> bool:
-        return self.next_layer == self.runner.num_layers
 
     def run_layers(self, start: int, end: int) -> None:
-        if start != self.next_layer:
-            raise ValueError(f"layer ranges must be consecutive: expected start {self.next_layer}, got {start}")
+        self._check_start(start)
         with torch.inference_mode():
             self.hidden = self.runner.model.run_layers(
                 self.hidden, self.rope, start, end, self.attention(), self.tokens
@@ -86,8 +81,7 @@ class LayerwiseForward:
 
     def logits(self, all_tokens: bool = False) -> torch.Tensor:
         """[B, V] float32 logits at each request's last token ([T, V] with all_tokens)."""
-        if not self.done:
-            raise ValueError(f"logits need all {self.runner.num_layers} layers; ran {self.next_layer}")
+        self._check_done()
         with torch.inference_mode():
             if self.cp is not None:
                 if all_tokens:
@@ -164,7 +158,7 @@ class ModelRunner:
     ) -> OverlappedForward:
         self.tbo_steps += 1
         self.two_chunk_steps += plan.split.two_chunk
-        return OverlappedForward(self, batch, plan, dp_plan)
+        return OverlappedForward.of(self, batch, plan, dp_plan)
 
     # -- DP attention ----------------------------------------------------------------------------------
 

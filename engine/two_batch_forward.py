@@ -40,6 +40,7 @@ from engine.batch import ForwardBatch, ForwardMode
 from engine.device import to_device
 from engine.dp_attention import DPStepPlan
 from engine.dp_forward import IdleForward
+from engine.layer_cursor import LayerCursor
 from engine.two_batch import ChildPlan, TwoBatchPlan
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def child_batches(batch: ForwardBatch, plan: TwoBatchPlan) -> tuple[ForwardBatch
     return _child(batch, a), _child(batch, b)
 
 
-class OverlappedForward:
+class OverlappedForward(LayerCursor):
     """A batch's forward as two micro-batches whose stages interleave (issue 15, item 3); the same interface as
     `LayerwiseForward` (`run_layers`, `logits`, `done`), so every caller runs it unchanged.
 
@@ -117,45 +118,48 @@ class OverlappedForward:
     def __init__(
         self,
         runner: ModelRunner,
-        batch: ForwardBatch,
-        plan: TwoBatchPlan,
-        dp_plan: DPStepPlan | None = None,
-        prepared: tuple[ForwardBatch | None, ForwardBatch | None] | None = None,
+        batch: ForwardBatch | None,
+        plan: TwoBatchPlan | None,
+        forwards: list[LayerwiseForward | IdleForward | None],
     ) -> None:
-        """`prepared`: the children, built and planned by the caller (the CUDA-graph plugin, into their own graph
-        buffers): they are switched to, not planned again."""
+        """`forwards`: A's and B's (None: an empty micro-batch outside DP attention). Built by `of`, `prepared`
+        or `idle`."""
         self.runner = runner
-        self.batch: ForwardBatch | None = batch
-        self.plan: TwoBatchPlan | None = plan
-        self.forwards: list[LayerwiseForward | IdleForward | None] = []
-        if prepared is not None:
-            self.forwards = [None if c is None else runner.start_forward(c, False, prepared=True) for c in prepared]  # type: ignore[misc]
-            self.next_layer = 0
-            return
+        self.batch = batch  # None (and `plan` None): an IDLE rank's forward
+        self.plan = plan
+        self.forwards = forwards
+
+    @classmethod
+    def of(
+        cls, runner: ModelRunner, batch: ForwardBatch, plan: TwoBatchPlan, dp_plan: DPStepPlan | None = None
+    ) -> OverlappedForward:
+        """`batch` cut by `plan`; under DP attention (`dp_plan`) each child runs with every rank's rows of it."""
+        forwards: list[LayerwiseForward | IdleForward | None] = []
         for i, child in enumerate(child_batches(batch, plan)):
             tokens = None if dp_plan is None else dp_plan.child_tokens(i)
             if child is None:
-                self.forwards.append(None if tokens is None else IdleForward(runner, tokens))
+                forwards.append(None if tokens is None else IdleForward(runner, tokens))
             else:
                 child.dp = tokens
-                self.forwards.append(runner.start_forward(child, split=False))  # type: ignore[arg-type]
-        self.next_layer = 0
+                forwards.append(runner.start_forward(child, split=False))  # type: ignore[arg-type]
+        return cls(runner, batch, plan, forwards)
+
+    @classmethod
+    def prepared(
+        cls, runner: ModelRunner, batch: ForwardBatch, plan: TwoBatchPlan, children: tuple
+    ) -> OverlappedForward:
+        """`batch`'s children built and planned by the caller (the CUDA-graph plugin, into their own graph buffers):
+        they are switched to, not planned again."""
+        forwards = [None if c is None else runner.start_forward(c, False, prepared=True) for c in children]
+        return cls(runner, batch, plan, forwards)  # type: ignore[arg-type]
 
     @classmethod
     def idle(cls, runner: ModelRunner, dp_plan: DPStepPlan) -> OverlappedForward:
         """An IDLE rank's forward in an overlapped step: two empty micro-batches."""
-        fwd = cls.__new__(cls)
-        fwd.runner, fwd.batch, fwd.plan, fwd.next_layer = runner, None, None, 0
-        fwd.forwards = [IdleForward(runner, dp_plan.child_tokens(i)) for i in (0, 1)]
-        return fwd
-
-    @property
-    def done(self) -> bool:
-        return self.next_layer == self.runner.num_layers
+        return cls(runner, None, None, [IdleForward(runner, dp_plan.child_tokens(i)) for i in (0, 1)])
 
     def run_layers(self, start: int, end: int) -> None:
-        if start != self.next_layer:
-            raise ValueError(f"layer ranges must be consecutive: expected start {self.next_layer}, got {start}")
+        self._check_start(start)
         live = [f for f in self.forwards if f is not None]
         model = self.runner.model
         stages = [model.layer_stages(f.hidden, f.rope, start, end, f.attention, f.tokens) for f in live]
@@ -172,8 +176,7 @@ class OverlappedForward:
 
     def logits(self, all_tokens: bool = False) -> torch.Tensor:
         """What `LayerwiseForward.logits` gives for the unsplit batch, in parent order."""
-        if not self.done:
-            raise ValueError(f"logits need all {self.runner.num_layers} layers; ran {self.next_layer}")
+        self._check_done()
         if self.plan is None:
             raise ValueError("an idle forward has no rows to take logits of")
         fa, fb = (f if f is not None and f.batch is not None else None for f in self.forwards)
@@ -200,6 +203,6 @@ def run_two_batch(
     `runner.forward(batch, all_tokens)` returns, and writes the same KV."""
     if runner.cp is not None:
         raise ValueError("two-batch overlap does not run on a context-parallel runner")
-    fwd = OverlappedForward(runner, batch, plan)
+    fwd = OverlappedForward.of(runner, batch, plan)
     fwd.run_layers(0, runner.num_layers)
     return fwd.logits(all_tokens)

@@ -75,7 +75,7 @@ class TwoBatchGraphPlugin:
         """What the bucket's graph computes: the padded batch as its two micro-batches, overlapped. At a replay the
         children are views of the same static buffers, with the replay's page tables and lengths."""
         padded, plan, children = self._children[padded.batch_size]
-        fwd = OverlappedForward(self.runner, padded, plan, prepared=children)
+        fwd = OverlappedForward.prepared(self.runner, padded, plan, children)
         fwd.run_layers(0, self.runner.num_layers)
         return fwd.logits()
 
