@@ -214,7 +214,7 @@ class LlamaFamilyModel(nn.Module):
         is in flight (`tokens`: this micro-batch's rows on every rank)."""
         self._check_range(start, end, tokens)
         if tokens is not None:
-            return (yield from self._dp_layer_stages(hidden, rope, start, end, attn, tokens))
+            return (yield from self._dp_layer_stages(self.layers[start:end], hidden, rope, attn, tokens))
         for layer in self.layers[start:end]:
             pending = layer.self_attn.launch(layer.input_layernorm(hidden), rope, attn())
             yield
@@ -224,16 +224,11 @@ class LlamaFamilyModel(nn.Module):
             hidden = hidden + layer.mlp.down_proj.finish(pending.wait())
         return hidden
 
+    @staticmethod
     def _dp_layer_stages(
-        self,
-        hidden: torch.Tensor,
-        rope: RopeTables | None,
-        start: int,
-        end: int,
-        attn: Callable[[], AttentionBackend | None],
-        tokens: DPTokens,
+        layers: nn.ModuleList, hidden: torch.Tensor, rope: RopeTables | None, attn: Callable, tokens: DPTokens
     ) -> Generator[None, None, torch.Tensor]:
-        for layer in self.layers[start:end]:
+        for layer in layers:
             if hidden.shape[0]:
                 hidden = hidden + layer.self_attn(layer.input_layernorm(hidden), rope, attn())  # type: ignore[arg-type]
             if tokens.total == 0:
