@@ -10,6 +10,7 @@ import pytest
 
 from tests.test_pipeline_e2e import metric
 from tests.test_serving_e2e import PROMPTS, reference  # noqa: F401 (fixture)
+from tests.test_tbo_e2e import generated_ids
 from tests.test_tp_e2e import tp_stack, wait_pages_free
 
 DP = ["--dp-size", "2", "--enable-dp-attention"]
@@ -27,16 +28,9 @@ def test_dp2_attention_through_prefill_and_decode_matches_transformers(tbo, refe
             assert (info["tp_size"], info["dp_size"]) == (2, 2)
         # a batch spread over both ranks of each server, then single prompts: one rank runs IDLE meanwhile
         for texts in (PROMPTS, PROMPTS[:1], PROMPTS[1:2]):
-            body = {"text": texts, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
-            r = httpx.post(f"{stack.router_url}/generate", json=body, timeout=120)
-            assert r.status_code == 200, r.text
-            out = r.json() if isinstance(r.json(), list) else [r.json()]
-            assert [o["output_ids"] for o in out] == [generate(text_ids(t), 8) for t in texts]
+            assert generated_ids(stack.router_url, texts, 8) == [generate(text_ids(t), 8) for t in texts]
         # no bootstrap fields (the router's local-prefill path): the decode rank owning the rid prefills it itself
-        body = {"text": PROMPTS, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
-        r = httpx.post(f"{stack.decode_url}/generate", json=body, timeout=120)
-        assert r.status_code == 200, r.text
-        assert [o["output_ids"] for o in r.json()] == [generate(text_ids(t), 8) for t in PROMPTS]
+        assert generated_ids(stack.decode_url, PROMPTS, 8) == [generate(text_ids(t), 8) for t in PROMPTS]
         wait_pages_free(stack)
         for url, role in ((stack.prefill_url, "prefill"), (stack.decode_url, "decode")):
             text = httpx.get(f"{url}/metrics", timeout=10).text
@@ -57,10 +51,7 @@ def test_dp_attention_on_one_side_serves_a_tp_peer(side, reference):  # noqa: F8
     generate, text_ids, _, _ = reference
     stack = tp_stack("mooncake", 2, 2, router_extra=["--local-prefill-max-tokens", "0"], **{f"{side}_extra": DP})
     try:
-        body = {"text": PROMPTS, "sampling_params": {"max_new_tokens": 6, "temperature": 0}}
-        r = httpx.post(f"{stack.router_url}/generate", json=body, timeout=120)
-        assert r.status_code == 200, r.text
-        assert [o["output_ids"] for o in r.json()] == [generate(text_ids(t), 6) for t in PROMPTS]
+        assert generated_ids(stack.router_url, PROMPTS, 6) == [generate(text_ids(t), 6) for t in PROMPTS]
         wait_pages_free(stack)
     finally:
         stack.stop()

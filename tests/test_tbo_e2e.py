@@ -10,6 +10,15 @@ from tests.test_pipeline_e2e import metric
 from tests.test_serving_e2e import PROMPTS, reference  # noqa: F401 (fixture)
 from tests.test_tp_e2e import tp_stack, wait_pages_free
 
+
+def generated_ids(url: str, texts: list[str], new_tokens: int) -> list[list[int]]:
+    """Greedy output ids of one `/generate` batch of `texts` at `url` (a router or a server), in order."""
+    body = {"text": texts, "sampling_params": {"max_new_tokens": new_tokens, "temperature": 0}}
+    r = httpx.post(f"{url}/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return [o["output_ids"] for o in r.json()]
+
+
 LONG = "In a hole in the ground there lived a hobbit, and it was a hobbit-hole, which means comfort. " * 3
 
 
@@ -20,10 +29,7 @@ def test_tp2_overlap_through_prefill_and_decode_matches_transformers(reference):
     try:
         # one batch of uneven prompts (split by sequences or two-chunk), then a long prompt alone (two-chunk)
         for texts in (PROMPTS, [LONG]):
-            body = {"text": texts, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
-            r = httpx.post(f"{stack.router_url}/generate", json=body, timeout=120)
-            assert r.status_code == 200, r.text
-            assert [o["output_ids"] for o in r.json()] == [generate(text_ids(t), 8) for t in texts]
+            assert generated_ids(stack.router_url, texts, 8) == [generate(text_ids(t), 8) for t in texts]
         wait_pages_free(stack)
         for url, role in ((stack.prefill_url, "prefill"), (stack.decode_url, "decode")):
             text = httpx.get(f"{url}/metrics", timeout=10).text
