@@ -234,7 +234,7 @@ def test_abort_request_endpoint(srv: Server) -> None:
 
     t = threading.Thread(target=call)
     t.start()
-    rids = srv.wait_sent("ab")  # the group rid names both prompts
+    rids = srv.wait_sent("ab", 2)  # the group rid names both prompts; wait until both reached the scheduler
     assert len(rids) == 2 and srv.internal("ab_0") + srv.internal("ab_1") == rids
     assert srv.client.post("/abort_request", json={"rid": "ab"}).status_code == 200
     t.join(10)
