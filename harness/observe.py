@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
+from collections.abc import Callable
 
 import httpx
 
@@ -48,3 +50,14 @@ class RunningSampler(threading.Thread):
         self._done.set()
         self.join()
         return self.samples
+
+
+def settle(read: Callable[[], list[float]], want_total: float, limit_s: float = 15.0) -> list[float]:
+    """`read()` once its values add up to `want_total`: a prefill counts its request a moment after the decode's answer
+    (which the client got) may already be back, and the scheduler publishes its counters on its own beat."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        values = read()
+        if sum(values) >= want_total or time.monotonic() > deadline:
+            return values
+        time.sleep(0.1)

@@ -13,13 +13,14 @@ import asyncio
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
 
 from engine.ports import free_port
+from harness.observe import settle
 from harness.stack import Proc, Stack, find_key
 
 pytestmark = pytest.mark.timeout(300)
@@ -44,17 +45,6 @@ def counter(text: str, name: str, *labels: str) -> float:
 def prefill_counts(urls: list[str], name: str, *labels: str) -> list[float]:
     """Each prefill server's own count of `name` (role="prefill" and `labels`)."""
     return [counter(httpx.get(f"{u}/metrics", timeout=10).text, name, 'role="prefill"', *labels) for u in urls]
-
-
-def settle(read: Callable[[], list[float]], want_total: float, limit_s: float = 15.0) -> list[float]:
-    """`read()` once its values add up to `want_total`: a prefill counts its request a moment after the decode's answer
-    (which the client got) may already be back, and the scheduler publishes its counters on its own beat."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        values = read()
-        if sum(values) >= want_total or time.monotonic() > deadline:
-            return values
-        time.sleep(0.1)
 
 
 @dataclass

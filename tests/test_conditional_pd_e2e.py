@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from engine.builtin import resolve_model
+from harness.observe import settle
 from harness.stack import MODEL, Stack
 from tests.test_serving_e2e import PROMPTS, reference, sse_events  # noqa: F401 (fixture)
 
@@ -58,8 +59,12 @@ def stack(request: pytest.FixtureRequest) -> Iterator[tuple[Stack, Counts]]:
         router = httpx.get(f"{s.router_url}/metrics", timeout=10).text
         assert counter(router, "pdserve_pd_decision_total", 'path="local"') == counts.local
         assert counter(router, "pdserve_pd_decision_total", 'path="remote"') == counts.remote
-        prefill = httpx.get(f"{s.prefill_url}/metrics", timeout=10).text
-        assert counter(prefill, "pdserve_requests_total", 'role="prefill"') == counts.remote
+
+        def prefill_requests() -> list[float]:
+            prefill = httpx.get(f"{s.prefill_url}/metrics", timeout=10).text
+            return [counter(prefill, "pdserve_requests_total", 'role="prefill"')]
+
+        assert settle(prefill_requests, counts.remote) == [counts.remote]
         deadline = time.monotonic() + 10  # every page back once nothing is in flight, on both servers
         while (used := s.kv_pages_used()) != {"prefill": 0, "decode": 0} and time.monotonic() < deadline:
             time.sleep(0.3)

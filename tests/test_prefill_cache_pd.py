@@ -4,6 +4,7 @@ transformers' greedy generation, and afterwards no request holds a page."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,6 +96,12 @@ def test_a_request_sharing_pages_with_an_aborted_one_is_unaffected(pd, reference
     pd.submit(pd.request("c", c))
     # c (10 new tokens) can be computed, sent and answered within one step: watch its job, not the table
     c_job = pd.p.jobs["c"]
+    # only decode steps until c's transfer info reached the prefill, so b cannot finish while c bootstraps
+    deadline = time.monotonic() + STEP_TIMEOUT_S
+    while not c_job.sender.ready:
+        assert time.monotonic() < deadline, "c's transfer info never reached the prefill"
+        pd.d.step()
+        time.sleep(0.001)
     _step_until(pd, lambda: c_job.cached == 64, timeout=STEP_TIMEOUT_S)
     assert _job(pd, "b") in pd.p.batcher.prefilling
     pd.p.on_abort("b")

@@ -322,17 +322,19 @@ def test_client_disconnect_aborts_both_legs(sv: dict[str, StandIn], make_router:
 
     # while still waiting for D's answer
     sv["d1"].header_hold = threading.Event()
-    with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(10, read=0.3)) as c:
+    # the read timeout is long enough for the router to send the request under load; D holds the answer anyway
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(10, read=2.0)) as c:
         c.post(url + "/v1/completions", json={"prompt": ["a", "b"]})
+    assert wait_until(lambda: len(sv["d1"].requests) == 2)
     pairs = list(zip(sv["d1"].requests[1][1]["rid"], sv["d1"].requests[1][1]["bootstrap_room"], strict=True))
     # each prompt of the batch aborted by its own rid and room, on both servers
     assert wait_until(lambda: all(x in sv["d1"].abort_rooms and x in sv["p1"].abort_rooms for x in pairs))
 
 
 def test_upstream_failures_before_and_after_first_byte(sv: dict[str, StandIn], make_router: Any) -> None:
-    url = make_router([sv["p1"].url], [sv["d1"].url], request_timeout_s=0.5)
+    url = make_router([sv["p1"].url], [sv["d1"].url], request_timeout_s=2.0)
     sv["d1"].header_hold = threading.Event()
-    r = httpx.post(url + "/v1/completions", json={"prompt": "x"})
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x"}, timeout=30)
     assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
     rid = sv["d1"].requests[0][1]["rid"]
     assert wait_until(lambda: rid in sv["d1"].aborts and rid in sv["p1"].aborts)
@@ -377,7 +379,8 @@ def test_least_load_picks_the_least_loaded(sv: dict[str, StandIn], make_router: 
 def test_health_loop_steers_away_from_down_servers(sv: dict[str, StandIn], make_router: Any) -> None:
     sv["d1"].healthy = False
     url = make_router([sv["p1"].url], [sv["d1"].url, sv["d2"].url], health_check_interval_s=0.05)
-    time.sleep(0.3)
+    # /readiness probes every server now and records the answer: no sleep standing in for "the health loop ran"
+    assert httpx.get(url + "/readiness").json()["decode"]["down"] == [sv["d1"].url]
     for _ in range(3):
         assert httpx.post(url + "/v1/completions", json={"prompt": "x"}).status_code == 200
     assert sv["d1"].requests == [] and len(sv["d2"].requests) == 3

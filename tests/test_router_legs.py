@@ -326,7 +326,7 @@ def test_duplicate_client_rid_never_aborts_the_other_request(
         assert wait_until(lambda: ("dup", b_room) in d.abort_pairs())
         # client C reuses it too and goes away while waiting: its legs are aborted, by its own room
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url + "/v1/completions", json={"prompt": "y", "rid": "dup"}, timeout=httpx.Timeout(5, read=0.5))
+            httpx.post(url + "/v1/completions", json={"prompt": "y", "rid": "dup"}, timeout=httpx.Timeout(5, read=2.0))
         assert wait_until(lambda: any(b["prompt"] == "y" for b in p1.requests))
         c_room = next(b["bootstrap_room"] for b in p1.requests if b["prompt"] == "y")
         assert wait_until(lambda: ("dup", c_room) in d.abort_pairs())

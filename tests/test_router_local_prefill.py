@@ -351,8 +351,9 @@ def test_local_retries_pick_another_decode(sv: dict[str, StandIn], make_router: 
 def test_client_disconnect_aborts_the_decode_only(sv: dict[str, StandIn], make_router: Any, tiny_dir: str) -> None:
     url = make_router([sv["p1"].url], [sv["d1"].url], tokenizer=tiny_dir)
     sv["d1"].header_hold = threading.Event()
-    with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(10, read=0.3)) as c:
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(10, read=2.0)) as c:
         c.post(url + "/v1/completions", json={"prompt": ["a", "b"]})
+    assert wait_until(lambda: len(sv["d1"].requests) == 1)
     rids = sv["d1"].requests[0][1]["rid"]
     assert wait_until(lambda: sorted(sv["d1"].abort_rooms) == sorted((rid, None) for rid in rids))
     assert sv["p1"].requests == [] and sv["p1"].aborts == []

@@ -35,7 +35,7 @@ def decode(engine: Engine, tmp_path: Path):
     front = ctx.socket(zmq.PULL)  # stands in for the front: collects what the scheduler answers
     front.bind(f"ipc://{tmp_path}/from-scheduler")
     # nothing listens on the bootstrap port: a room stays bootstrapping until its (short) deadline
-    cfg = TransferConfig(backend="mooncake", timeouts=Timeouts(bootstrap=1.5))
+    cfg = TransferConfig(backend="mooncake", timeouts=Timeouts(bootstrap=3.0))  # outlasts the aborts below
     sched = DecodeScheduler(engine, cfg, f"ipc://{tmp_path}/to-scheduler", f"ipc://{tmp_path}/from-scheduler")
     outputs: dict[str, RequestOutput] = {}
 

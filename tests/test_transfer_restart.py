@@ -9,11 +9,11 @@ stay quarantined until it answers again; after SIGCONT new rooms work.
 from __future__ import annotations
 
 import itertools
-import socket
 import time
 
 import pytest
 
+from engine.ports import free_port  # below the ephemeral range: re-bound after a restart
 from harness.peer_proc import PeerProc
 from tests.test_transfer_e2e import BACKENDS, LAYERS, backend_available
 
@@ -23,12 +23,6 @@ LONG = dict(bootstrap=20, waiting_for_input=20, transferring=20, abort_ack=20, h
 # NIXL over UCX's default transports on one host writes through shared memory, so a stopped target is still
 # written into; TCP is how NIXL runs between hosts without RDMA, and it makes a stopped peer's write hang.
 NIXL_TCP = {"UCX_TLS": "tcp"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(role: str, backend: str, timeouts: dict, **cfg) -> PeerProc:
