@@ -18,10 +18,13 @@ A one-rank group (`TPGroup.single`) does no collective at all: the single-rank e
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import logging
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -272,7 +275,19 @@ def _follower_main(target: Callable[..., Any], rank: int, args: tuple, parent: i
         os._exit(1)  # the leader is gone (killed): nothing will ever complete our collectives
 
     threading.Thread(target=orphan_watch, name="orphan-watch", daemon=True).start()
+    # `dump_stacks` asks a follower that does not finish where it is stuck: every thread's stack to stderr
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     target(rank, *args)
+
+
+def dump_stacks(procs: Sequence[BaseProcess], wait_s: float = 1.0) -> None:
+    """Have each follower still running print every thread's stack to its stderr (before it is stopped)."""
+    alive = [p for p in procs if p.is_alive() and p.pid is not None]
+    for p in alive:
+        with contextlib.suppress(OSError):
+            os.kill(p.pid, signal.SIGUSR1)  # type: ignore[arg-type]
+    if alive:
+        time.sleep(wait_s)
 
 
 def stop_followers(procs: Sequence[BaseProcess], timeout_s: float = 5.0) -> None:

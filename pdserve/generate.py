@@ -69,10 +69,23 @@ def _follower(
         tp.close()
 
 
+def _follower_state(p: BaseProcess, waited_s: float) -> str:
+    if p.exitcode is None:
+        return f"{p.name} was still running {waited_s:g} s after rank 0 finished (its stacks are above)"
+    return f"{p.name} exited with code {p.exitcode}"
+
+
 def run_tp(cfg: EngineConfig, texts: list[str], chat: bool, params: SamplingParams, level: str) -> Result:
     """Rank 0 of a `cfg.world_size`-rank run (TP or CP ranks); raises what rank 0 raises, or RuntimeError when a
     follower failed after rank 0 finished. A follower failing while rank 0 runs ends this process with status 1."""
-    from engine.distributed import FollowerWatch, init_address, init_tp_group, spawn_followers, stop_followers
+    from engine.distributed import (
+        FollowerWatch,
+        dump_stacks,
+        init_address,
+        init_tp_group,
+        spawn_followers,
+        stop_followers,
+    )
 
     address = init_address()
     procs = spawn_followers(_follower, (address, cfg, texts, chat, params, level), cfg.world_size)
@@ -97,7 +110,8 @@ def run_tp(cfg: EngineConfig, texts: list[str], chat: bool, params: SamplingPara
             p.join(cfg.dist_timeout_s)
         failed = [p for p in procs if p.exitcode != 0]
         if failed:
-            raise RuntimeError(", ".join(f"{p.name} exited with code {p.exitcode}" for p in failed))
+            dump_stacks(failed)  # one still running says where it is stuck
+            raise RuntimeError(", ".join(_follower_state(p, cfg.dist_timeout_s) for p in failed))
         return result
     finally:
         done.set()

@@ -316,3 +316,26 @@ def test_killed_leader_takes_its_follower_down():
     finally:
         if _alive(follower):
             os.kill(follower, signal.SIGKILL)
+
+
+def _stuck_in_a_named_place(rank: int, ready: str) -> None:
+    Path(ready).write_text(str(rank))
+    time.sleep(60)
+
+
+def test_dump_stacks_shows_where_a_follower_is_stuck(tmp_path: Path, capfd: pytest.CaptureFixture[str]):
+    """What `pdserve generate` prints when a follower is still running after rank 0 finished: its stacks."""
+    from engine.distributed import dump_stacks, spawn_followers, stop_followers
+
+    ready = tmp_path / "ready"
+    procs = spawn_followers(_stuck_in_a_named_place, (str(ready),), 2)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < deadline and procs[0].is_alive(), "the follower did not start"
+            time.sleep(0.05)
+        dump_stacks(procs)
+        assert procs[0].is_alive()  # asked, not stopped
+        assert "_stuck_in_a_named_place" in capfd.readouterr().err
+    finally:
+        stop_followers(procs)
