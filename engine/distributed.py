@@ -186,6 +186,13 @@ class TPGroup:
         if self.size > 1:
             dist.barrier()
 
+    def leave(self) -> None:
+        """Leave the group together, after a run every rank finished: a barrier first, so that no rank tears its
+        connections down while a peer may still be reading the last collective's data, then `close()`. (A failing
+        run only calls `close()`: its peers may never reach the barrier.)"""
+        self.barrier()
+        self.close()
+
     def close(self) -> None:
         """Leave the group (a no-op for one rank, or when it is already gone)."""
         if self.size > 1 and dist.is_initialized():

@@ -62,6 +62,7 @@ def _follower(
     tp = init_tp_group(rank, cfg.world_size, address, cfg.device, cfg.dist_timeout_s)
     try:
         run_generate(cfg, texts, chat, params, tp)
+        tp.leave()
     except (ValueError, RuntimeError) as e:
         print(f"pdserve generate: rank {rank}: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
@@ -104,6 +105,7 @@ def run_tp(cfg: EngineConfig, texts: list[str], chat: bool, params: SamplingPara
         tp = init_tp_group(0, cfg.world_size, address, cfg.device, cfg.dist_timeout_s)
         try:
             result = run_generate(cfg, texts, chat, params, tp)
+            tp.leave()
         finally:
             tp.close()
         for p in procs:  # they finish with rank 0 (the same work): wait, but never forever
