@@ -4,6 +4,7 @@ value, and the decode server's own running count sampled while a workload runs."
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -61,3 +62,10 @@ def settle(read: Callable[[], list[float]], want_total: float, limit_s: float = 
         if sum(values) >= want_total or time.monotonic() > deadline:
             return values
         time.sleep(0.1)
+
+
+def counter(text: str, name: str, *labels: str) -> float:
+    """In Prometheus exposition `text`, the sum of the samples of `name` whose labels contain each of `labels`
+    (0 when there is none)."""
+    found = re.findall(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.M)
+    return sum(float(v) for lab, v in found if all(x in lab for x in labels))

@@ -10,7 +10,6 @@ its prefix cached there.
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import httpx
 import pytest
 
 from engine.ports import free_port
-from harness.observe import settle
+from harness.observe import counter, settle
 from harness.stack import Proc, Stack, find_key
 
 pytestmark = pytest.mark.timeout(300)
@@ -34,12 +33,6 @@ PREFIXES = [
 HOT = "Delta hot prefix. " + "Every request of this burst carries the same long system preamble, word for word. " * 6
 GROUP = 4  # requests per prefix, sent one after another
 BURST = 24  # concurrent requests with one hot prefix
-
-
-def counter(text: str, name: str, *labels: str) -> float:
-    """The sum of the samples of `name` whose labels contain each of `labels` (0 when there is none)."""
-    found = re.findall(rf"^{name}{{([^}}]*)}} (\S+)$", text, re.M)
-    return sum(float(v) for lab, v in found if all(x in lab for x in labels))
 
 
 def prefill_counts(urls: list[str], name: str, *labels: str) -> list[float]:

@@ -10,7 +10,6 @@ prefill server's own request count (it never sees a local request). One stack pe
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from engine.builtin import resolve_model
-from harness.observe import settle
+from harness.observe import counter, settle
 from harness.stack import MODEL, Stack
 from tests.test_serving_e2e import PROMPTS, reference, sse_events  # noqa: F401 (fixture)
 
@@ -31,12 +30,6 @@ SHORT = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]  # 2, 21 and 8 tokens
 LONG = PROMPTS[2]  # 57 tokens
 SHORT_CHAT = [{"role": "user", "content": "Say hi."}]  # 19 tokens with the template
 LONG_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about foxes."}]  # 38
-
-
-def counter(text: str, name: str, labels: str) -> float:
-    """The sum of every sample of `name` whose labels contain `labels` (0 when there is none)."""
-    pattern = rf"^{name}{{([^}}]*)}} (\S+)$"
-    return sum(float(v) for lab, v in re.findall(pattern, text, re.M) if labels in lab)
 
 
 class Counts:
