@@ -105,7 +105,11 @@ def run_tp(cfg: EngineConfig, texts: list[str], chat: bool, params: SamplingPara
         tp = init_tp_group(0, cfg.world_size, address, cfg.device, cfg.dist_timeout_s)
         try:
             result = run_generate(cfg, texts, chat, params, tp)
-            tp.leave()
+            try:
+                tp.leave()
+            except RuntimeError as e:  # a follower never reached the barrier: say where it is
+                dump_stacks(procs)
+                raise RuntimeError(f"the ranks did not finish together ({e}); the followers' stacks are above") from e
         finally:
             tp.close()
         for p in procs:  # they finish with rank 0 (the same work): wait, but never forever
