@@ -37,9 +37,18 @@ def test_dp2_attention_through_prefill_and_decode_matches_transformers(tbo, refe
             assert metric(text, "pdserve_dp_idle_steps_total", f'role="{role}"') > 0, role
             if tbo:
                 assert metric(text, "pdserve_tbo_steps_total", f'role="{role}"') > 0, role
-        text = httpx.get(f"{stack.prefill_url}/metrics", timeout=10).text
-        for rank in (0, 1):  # both prefill ranks owned rooms and wrote their KV
-            assert metric(text, "pdserve_kv_transfer_rank_bytes_total", f'role="prefill",tp_rank="{rank}"') > 0
+        # both prefill ranks own rooms and write their KV. A room's owner is room mod 2 and the router draws rooms at
+        # random, so the prompts so far may all have gone to one rank (1 in 16): send single prompts, each still
+        # token-exact, until both ranks wrote (16 more leave a 2^-16 chance of a false failure)
+        for _ in range(16):
+            text = httpx.get(f"{stack.prefill_url}/metrics", timeout=10).text
+            name = "pdserve_kv_transfer_rank_bytes_total"
+            wrote = [metric(text, name, f'role="prefill",tp_rank="{r}"') for r in (0, 1)]
+            if all(wrote):
+                break
+            assert generated_ids(stack.router_url, PROMPTS[:1], 8) == [generate(text_ids(PROMPTS[0]), 8)]
+            wait_pages_free(stack)
+        assert all(wrote), wrote
     finally:
         stack.stop()
 
