@@ -38,7 +38,7 @@ def test_dp2_attention_through_prefill_and_decode_matches_transformers(tbo, refe
             if tbo:
                 assert metric(text, "pdserve_tbo_steps_total", f'role="{role}"') > 0, role
         # both prefill ranks own rooms and write their KV. A room's owner is room mod 2 and the router draws rooms at
-        # random, so the prompts so far may all have gone to one rank (1 in 16): send single prompts, each still
+        # random, so the six prompts so far may all have gone to one rank (1 in 32): send single prompts, each still
         # token-exact, until both ranks wrote (16 more leave a 2^-16 chance of a false failure)
         for _ in range(16):
             text = httpx.get(f"{stack.prefill_url}/metrics", timeout=10).text
